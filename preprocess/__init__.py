@@ -1,0 +1,1 @@
+"""preprocess: the one-time sharding command, `python -m preprocess SRC OUT` (see `--help`)."""

@@ -1,0 +1,116 @@
+"""The shard format: the one place that names the fields of a sample and the files of a shard set.
+
+A shard set is one folder (e.g. ``OUT/train``) holding
+
+* ``{name}-{shard:06d}.tar``: WebDataset tars, one sample per video, samples shuffled across shards;
+* ``{name}-{shard:06d}.idx``: a DALI index of that tar (``wds2idx`` v1.2 format), so DALI's reader
+  starts without scanning the tar;
+* ``manifest.json``: classes, shards with sample and frame counts, encoding settings, input -> key map.
+
+Each sample ``<key>.<ext>`` has the fields below. ``lbl`` and ``nf`` are raw little-endian int32 so a
+DALI pipeline reads them with ``dtypes=INT32`` without any Python; ``json`` is for people and tools.
+``pipeline/`` imports this module and nothing else from ``preprocess/``.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+FORMAT_VERSION = 1
+
+VIDEO_EXT = "mp4"   # the encoded video (VP9 in MP4 by default)
+LABEL_EXT = "lbl"   # int32 LE class index, -1 for unlabelled videos
+FRAMES_EXT = "nf"   # int32 LE number of frames in the encoded video
+META_EXT = "json"   # {"source", "label", "label_name", "fps", "frames", "width", "height", "duration", ...}
+SAMPLE_EXTS = (VIDEO_EXT, LABEL_EXT, FRAMES_EXT, META_EXT)  # order inside each sample in the tar
+
+MANIFEST = "manifest.json"
+UNLABELLED = -1
+
+
+def shard_name(name: str, index: int) -> str:
+    return f"{name}-{index:06d}.tar"
+
+
+def index_path(tar_path: str | Path) -> Path:
+    """The DALI index that belongs to a tar: same stem, ``.idx``."""
+    return Path(tar_path).with_suffix(".idx")
+
+
+def pack_int32(value: int) -> bytes:
+    return struct.pack("<i", int(value))
+
+
+def unpack_int32(data: bytes) -> int:
+    if len(data) != 4:
+        raise ValueError(f"expected 4 bytes of little-endian int32, got {len(data)}")
+    return struct.unpack("<i", data)[0]
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    """Read and sanity-check a shard set's manifest; errors name the folder and what to do."""
+    shard_dir = Path(shard_dir)
+    path = shard_dir / MANIFEST
+    if not shard_dir.is_dir():
+        raise FileNotFoundError(f"shard folder {shard_dir} does not exist: run `python -m preprocess SRC OUT` first "
+                                "and point at OUT/<split> (e.g. OUT/train)")
+    if not path.is_file():
+        tars = sorted(shard_dir.glob("*.tar"))
+        hint = (f"it holds {len(tars)} .tar files but no manifest: the sharding run did not finish; re-run it "
+                "(it resumes)") if tars else "it holds no shards: run `python -m preprocess SRC OUT` and point at OUT/<split>"
+        raise FileNotFoundError(f"{path} not found: {hint}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: shard format version {manifest.get('format_version')!r}, this code reads "
+                         f"{FORMAT_VERSION}: re-shard with this version of `python -m preprocess`")
+    if not manifest.get("shards"):
+        raise ValueError(f"{path}: the shard set is empty (0 shards): every input was skipped; see errors.jsonl next to it")
+    return manifest
+
+
+def shard_paths(shard_dir: str | Path, manifest: dict | None = None) -> list[Path]:
+    """Absolute paths of a shard set's tars, in manifest order, checking that each tar and index exists."""
+    shard_dir = Path(shard_dir)
+    manifest = manifest or load_manifest(shard_dir)
+    paths = []
+    for shard in manifest["shards"]:
+        p = shard_dir / shard["file"]
+        for f in (p, index_path(p)):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} is listed in {shard_dir / MANIFEST} but missing: copy the whole shard "
+                                        "folder, or re-run `python -m preprocess` (it resumes)")
+        paths.append(p)
+    return paths
+
+
+# --- DALI index (the `wds2idx` v1.2 format that `fn.readers.webdataset(index_paths=...)` reads) ---------------
+# First line "v1.2 <num_samples>"; then one line per sample with, for each of its files, four fields
+# "ext data_offset size member_name" (data_offset: byte offset of the file's data, after its 512-byte header).
+INDEX_VERSION = "v1.2"
+
+
+def format_index(samples: list[list[tuple[str, int, int, str]]]) -> str:
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in comps) for comps in samples]
+    return "\n".join(lines) + "\n"
+
+
+def read_index(path: str | Path) -> list[dict[str, tuple[int, int]]]:
+    """Parse a DALI index: one dict per sample, ext -> (data_offset, size) in the tar."""
+    text = Path(path).read_text().split("\n")
+    head = text[0].split()
+    if len(head) != 2 or head[0] != INDEX_VERSION:
+        raise ValueError(f"{path}: not a {INDEX_VERSION} DALI webdataset index (first line {text[0]!r})")
+    samples = []
+    for line in text[1:1 + int(head[1])]:
+        f = line.split(" ")
+        samples.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
+    return samples
+
+
+def sample_key(member_name: str) -> str:
+    """WebDataset's rule: the key is the member name up to the first dot of its base name."""
+    slash = member_name.rfind("/") + 1
+    dot = member_name.find(".", slash)
+    return member_name[:dot]

@@ -1,0 +1,173 @@
+"""Synthetic motion videos: the project's embedded sample, so the demo and the tests need no download.
+
+`python -m preprocess.sample_videos OUT` writes OUT/{train,test}/<class>/<class>_NNN.mp4 (H.264, like a
+typical raw input) for the `folders` format. A class is a **motion**: an object moving right, left, up,
+down, or orbiting clockwise / counter-clockwise. Everything else is shared across classes by construction:
+video i of every class has the *same* static background, the same object (shape, colour, size) and the same
+static distractor object; only the motion differs. So a model that looks only at backgrounds or at one frame's
+appearance is at chance on it (a background-bias benchmark), and one that sees motion can solve it.
+Train and test use disjoint backgrounds (different seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import ffmpeg
+import numpy as np
+from tqdm import tqdm
+
+from .video import ffmpeg_exe
+
+CLASSES = ("right", "left", "up", "down", "clockwise", "counterclockwise")
+
+
+def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A static textured background [h, w, 3] uint8: smooth colour noise, stripes, checks or a gradient."""
+    kind = rng.integers(4)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if kind == 0:    # smooth colour noise: low-res noise upsampled
+        small = rng.uniform(0, 255, size=(h // 24 + 2, w // 24 + 2, 3)).astype(np.float32)
+        iy = np.clip((yy / 24).astype(int), 0, small.shape[0] - 2)
+        ix = np.clip((xx / 24).astype(int), 0, small.shape[1] - 2)
+        fy, fx = (yy / 24 - iy)[..., None], (xx / 24 - ix)[..., None]
+        img = (small[iy, ix] * (1 - fy) * (1 - fx) + small[iy + 1, ix] * fy * (1 - fx)
+               + small[iy, ix + 1] * (1 - fy) * fx + small[iy + 1, ix + 1] * fy * fx)
+    elif kind == 1:  # stripes at a random angle
+        a, period = rng.uniform(0, math.pi), rng.uniform(10, 40)
+        t = (np.sin((xx * math.cos(a) + yy * math.sin(a)) * 2 * math.pi / period) + 1) / 2
+        c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        img = t[..., None] * c1 + (1 - t[..., None]) * c2
+    elif kind == 2:  # checkerboard
+        s = int(rng.integers(12, 40))
+        t = (((yy // s) + (xx // s)) % 2)[..., None]
+        img = t * rng.uniform(0, 255, 3) + (1 - t) * rng.uniform(0, 255, 3)
+    else:            # two-colour gradient
+        a = rng.uniform(0, 2 * math.pi)
+        t = (xx * math.cos(a) + yy * math.sin(a))
+        t = ((t - t.min()) / (np.ptp(t) + 1e-6))[..., None]
+        img = t * rng.uniform(0, 255, 3) + (1 - t) * rng.uniform(0, 255, 3)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def object_mask(shape: int, size: int) -> np.ndarray:
+    """A boolean [size, size] mask: disk, square or diamond."""
+    c = (size - 1) / 2
+    yy, xx = np.mgrid[0:size, 0:size]
+    if shape == 0:
+        return (yy - c) ** 2 + (xx - c) ** 2 <= c ** 2
+    if shape == 1:
+        return np.ones((size, size), bool)
+    return np.abs(yy - c) + np.abs(xx - c) <= c
+
+
+def paste(frame: np.ndarray, mask: np.ndarray, colour: np.ndarray, y: float, x: float) -> None:
+    s = mask.shape[0]
+    y0, x0 = int(round(y)), int(round(x))
+    h, w = frame.shape[:2]
+    ys, xs = slice(max(y0, 0), min(y0 + s, h)), slice(max(x0, 0), min(x0 + s, w))
+    m = mask[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0]
+    frame[ys, xs][m] = colour
+
+
+def trajectory(motion: str, rng: np.random.Generator, n: int, h: int, w: int, size: int) -> np.ndarray:
+    """[n, 2] top-left (y, x) positions; the whole path stays inside the frame."""
+    margin = 4
+    if motion in ("right", "left", "up", "down"):
+        along = w if motion in ("right", "left") else h
+        travel = (along - size - 2 * margin) * rng.uniform(0.6, 1.0)
+        start = margin + rng.uniform(0, along - size - 2 * margin - travel)
+        pos = start + travel * np.arange(n) / (n - 1)
+        if motion in ("left", "up"):
+            pos = pos[::-1]
+        across = w if motion in ("up", "down") else h
+        other = np.full(n, rng.uniform(margin, across - size - margin))
+        return np.stack([other, pos] if motion in ("right", "left") else [pos, other], 1)
+    radius = rng.uniform(0.18, 0.3) * min(h, w)
+    cy = rng.uniform(radius + margin, h - radius - size - margin)
+    cx = rng.uniform(radius + margin, w - radius - size - margin)
+    phase = rng.uniform(0, 2 * math.pi)
+    turns = rng.uniform(0.75, 1.25)
+    sign = 1 if motion == "clockwise" else -1       # image y points down: +angle turns clockwise on screen
+    ang = phase + sign * 2 * math.pi * turns * np.arange(n) / n
+    return np.stack([cy + radius * np.sin(ang), cx + radius * np.cos(ang)], 1)
+
+
+def render(motion: str, scene_seed: int, motion_seed: int, frames: int, h: int, w: int) -> np.ndarray:
+    """[frames, h, w, 3] uint8. The scene (background, object, distractor) comes from scene_seed only."""
+    scene = np.random.default_rng(scene_seed)
+    bg = background(scene, h, w)
+    size = int(scene.integers(24, 44))
+    mask = object_mask(int(scene.integers(3)), size)
+    colour = scene.uniform(0, 255, 3).astype(np.uint8)
+    d_mask = object_mask(int(scene.integers(3)), int(scene.integers(20, 40)))
+    d_colour = scene.uniform(0, 255, 3).astype(np.uint8)
+    d_pos = scene.uniform(0, h - d_mask.shape[0]), scene.uniform(0, w - d_mask.shape[0])
+    path = trajectory(motion, np.random.default_rng(motion_seed), frames, h, w, size)
+    out = np.empty((frames, h, w, 3), np.uint8)
+    for t in range(frames):
+        out[t] = bg
+        paste(out[t], d_mask, d_colour, *d_pos)
+        paste(out[t], mask, colour, *path[t])
+    return out
+
+
+def encode(frames: np.ndarray, path: Path, fps: int = 25, pix_fmt: str = "yuv420p") -> None:
+    """Encode RGB frames to H.264 MP4 with the project's ffmpeg (raw frames through a pipe, no shell)."""
+    n, h, w, _ = frames.shape
+    cmd = (ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", framerate=fps)
+           .output(str(path), vcodec="libx264", pix_fmt=pix_fmt, crf=18, preset="veryfast", g=32, f="mp4",
+                   fflags="+bitexact", threads=1)
+           .global_args("-nostdin", "-hide_banner", "-loglevel", "error").overwrite_output().compile(ffmpeg_exe()))
+    proc = subprocess.run(cmd, input=frames.tobytes(), capture_output=True)
+    if proc.returncode:
+        raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace')[-500:]}")
+
+
+def make_sample_videos(out: Path, classes: tuple[str, ...] = CLASSES, train_per_class: int = 8,
+                       test_per_class: int = 4, frames: int = 64, height: int = 240, width: int = 320,
+                       seed: int = 0, progress: bool = True) -> list[Path]:
+    out = Path(out)
+    jobs = [(split, c, i) for split, n in (("train", train_per_class), ("test", test_per_class))
+            for c in classes for i in range(n)]
+    paths = []
+    for split, c, i in tqdm(jobs, desc="sample videos", unit="video", disable=not progress):
+        path = out / split / c / f"{c}_{i:03d}.mp4"
+        paths.append(path)
+        if path.is_file():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        split_id = 0 if split == "train" else 1
+        scene_seed = (seed * 1000 + split_id) * 100_003 + i                 # shared by every class: same scene
+        motion_seed = scene_seed * 16 + CLASSES.index(c)
+        tmp = path.with_name(f".{path.stem}.tmp.mp4")
+        encode(render(c, scene_seed, motion_seed, frames, height, width), tmp)
+        tmp.replace(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m preprocess.sample_videos", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, help="output folder (gets train/<class>/ and test/<class>/)")
+    p.add_argument("--classes", type=int, default=len(CLASSES), choices=range(2, len(CLASSES) + 1),
+                   help=f"use the first N motion classes of {', '.join(CLASSES)} (default: all)")
+    p.add_argument("--train-per-class", type=int, default=8, help="training videos per class")
+    p.add_argument("--test-per-class", type=int, default=4, help="test videos per class")
+    p.add_argument("--frames", type=int, default=64, help="frames per video (25 fps)")
+    p.add_argument("--size", default="320x240", help="frame size WxH")
+    p.add_argument("--seed", type=int, default=0, help="seed of scenes and motions")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    w, h = (int(v) for v in a.size.split("x"))
+    paths = make_sample_videos(a.out, CLASSES[: a.classes], a.train_per_class, a.test_per_class, a.frames, h, w,
+                               a.seed, not a.no_progress)
+    print(f"{len(paths)} videos in {a.out} ({a.classes} motion classes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

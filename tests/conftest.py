@@ -1,0 +1,51 @@
+"""Shared fixtures: real videos and real shards, made once per test session.
+
+* `sample_videos`: the project's synthetic motion videos (OUT/{train,test}/<class>/*.mp4), small.
+* `synthetic_shards`: those videos sharded by `python -m preprocess` (OUT/train, OUT/test).
+* `ucf_shards`: ../shared/data/ucf101-mini sharded with its official split-1 files (skipped when absent).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from preprocess.cli import main as preprocess_main
+from preprocess.sample_videos import make_sample_videos
+
+REPO = Path(__file__).resolve().parents[1]
+UCF_MINI = Path(os.environ.get("UCF101_MINI", REPO.parent / "shared" / "data" / "ucf101-mini"))
+
+# the synthetic set used across the suite: 6 motion classes, 4 train + 2 test videos each, 64 frames at 320x240
+SAMPLE_KW = dict(train_per_class=4, test_per_class=2, frames=64, progress=False)
+
+
+@pytest.fixture(scope="session")
+def sample_videos(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sample_videos")
+    make_sample_videos(out, **SAMPLE_KW)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory, sample_videos) -> Path:
+    out = tmp_path_factory.mktemp("synthetic_shards")
+    rc = preprocess_main([str(sample_videos), str(out), "--name", "synthetic", "--max-per-shard", "8", "--no-progress"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def ucf_mini() -> Path:
+    if not (UCF_MINI / "classInd.txt").is_file():
+        pytest.skip(f"ucf101-mini not found at {UCF_MINI} (set UCF101_MINI)")
+    return UCF_MINI
+
+
+@pytest.fixture(scope="session")
+def ucf_shards(tmp_path_factory, ucf_mini) -> Path:
+    out = tmp_path_factory.mktemp("ucf_shards")
+    rc = preprocess_main([str(ucf_mini), str(out), "--format", "ucf101", "--shard-size-mb", "8", "--no-progress"])
+    assert rc == 0
+    return out
