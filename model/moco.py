@@ -1,0 +1,115 @@
+"""MoCo for video (He et al., CVPR 2020, https://arxiv.org/abs/1911.05722), as the FAME/FIMA baseline.
+
+Query encoder = backbone + projector (global average pool -> C -> C -> 128), L2-normalised; the key
+encoder is an EMA copy (no gradient). The two clips m, n of a video are each other's positive:
+L = 1/2 [CE(q_m . k_n) + CE(q_n . k_m)] over [positive, queue] logits with temperature T.
+
+Per training step, inside forward (as the reference does): one EMA update of the key encoder before
+any key forward (`momentum_update`), key forwards with shuffle-BN across ranks, and after the logits the
+keys are enqueued (k_n, then k_m). EMA and queue updates happen only in training mode, so an eval-mode
+forward leaves the state unchanged.
+`self_negative_bug=True` reproduces the reference: the n -> m logits are formed after k_n was
+enqueued, so q_n meets its own key as a negative. Default False: both directions see the queue as it
+was before the step.
+For the trainer: wrap in DDP with broadcast_buffers=False (the queues are identical on every rank
+already, and the key encoder's BN statistics are not used), and compile the backbones rather than the
+objective (its forward mutates queues and runs Python loops).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbones import resolve_backbone
+from .distributed import batch_shuffle, batch_unshuffle
+from .heads import Projector
+from .losses import info_nce, info_nce_logits, top1
+from .queue import KeyQueue
+
+
+class MoCo(nn.Module):
+    """backbone: registry name ("i3d", "r3d18", "r2plus1d18") or a zero-argument constructor.
+    dim: embedding size (128). K: queue length (65,536 for K400). m: EMA momentum (0.999).
+    T: softmax temperature (0.1). backbone_kwargs: passed to the named builder.
+    """
+
+    required_inputs: tuple[str, ...] = ("rgb_m", "rgb_n")
+
+    def __init__(
+        self, backbone: str | Callable[[], nn.Module] = "i3d", *, dim: int = 128, K: int = 65536, m: float = 0.999,
+        T: float = 0.1, self_negative_bug: bool = False, backbone_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        self.m, self.T, self.self_negative_bug = m, T, self_negative_bug
+        self.encoder_q = resolve_backbone(backbone, **(backbone_kwargs or {}))
+        self.projector_q = Projector(self.encoder_q.feature_dim, dim)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.projector_k = copy.deepcopy(self.projector_q)
+        for p in self._key_params():
+            p.requires_grad_(False)
+        self.queue = KeyQueue(K, dim)
+
+    # --- momentum encoder -------------------------------------------------------------------------
+    def _query_params(self):
+        return [*self.encoder_q.parameters(), *self.projector_q.parameters()]
+
+    def _key_params(self):
+        return [*self.encoder_k.parameters(), *self.projector_k.parameters()]
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q for backbone and projector (BN buffers are not averaged)."""
+        for pk, pq in zip(self._key_params(), self._query_params()):
+            pk.lerp_(pq.detach(), 1.0 - self.m)
+
+    @torch.no_grad()
+    def key_forward(self, x: torch.Tensor, head: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]):
+        """Key encoder on x [B, 3, T, H, W] with shuffle-BN; `head` maps the feature map to per-sample
+        outputs (computed on the shuffled batch), which are returned in the original order."""
+        x, idx_unshuffle = batch_shuffle(x)
+        outs = head(self.encoder_k(x))
+        return tuple(batch_unshuffle(o, idx_unshuffle) for o in outs)
+
+    def _embed_k(self, fmap: torch.Tensor) -> tuple[torch.Tensor]:
+        return (F.normalize(self.projector_k(fmap.mean(dim=(2, 3, 4))), dim=1),)  # B x dim
+
+    def encode_q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query encoder: x [B, 3, T, H, W] -> (feature map [B, C, T', H', W'], q [B, dim] unit)."""
+        fmap = self.encoder_q(x)  # B x C x T' x H' x W'
+        q = F.normalize(self.projector_q(fmap.mean(dim=(2, 3, 4))), dim=1)  # B x dim
+        return fmap, q
+
+    # --- instance loss ----------------------------------------------------------------------------
+    def instance_loss(self, q_m, q_n, k_m, k_n) -> dict[str, torch.Tensor]:
+        """Symmetric cross-clip MoCo loss; enqueues k_n then k_m (in training mode)."""
+        queue = self.queue.snapshot()  # K x dim
+        logits_mn = info_nce_logits(q_m, k_n, queue, self.T)  # B x (1+K)
+        if self.training:
+            self.queue.enqueue(k_n)
+            if self.self_negative_bug:
+                queue = self.queue.snapshot()  # now holds k_n: q_n meets its own key
+        logits_nm = info_nce_logits(q_n, k_m, queue, self.T)  # B x (1+K)
+        if self.training:
+            self.queue.enqueue(k_m)
+        loss = 0.5 * (info_nce(logits_mn) + info_nce(logits_nm))
+        return {"loss_inst": loss, "acc_inst": 0.5 * (top1(logits_mn) + top1(logits_nm))}
+
+    def moco_forward(self, x_m: torch.Tensor, x_n: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.momentum_update()
+        (k_m,) = self.key_forward(x_m, self._embed_k)  # B x dim
+        (k_n,) = self.key_forward(x_n, self._embed_k)  # B x dim
+        _, q_m = self.encode_q(x_m)  # B x dim
+        _, q_n = self.encode_q(x_n)  # B x dim
+        out = self.instance_loss(q_m, q_n, k_m, k_n)
+        return {"loss": out["loss_inst"], **out}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch["rgb_m"], batch["rgb_n"]: [B, 3, T, H, W] normalised clips of two windows of each video.
+        Returns {"loss", "loss_inst", "acc_inst"}."""
+        return self.moco_forward(batch["rgb_m"], batch["rgb_n"])
