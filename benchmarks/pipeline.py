@@ -1,0 +1,232 @@
+"""Benchmark: the DALI pipeline's pretraining batches against a plain PyAV + torch DataLoader of the same views.
+
+    python benchmarks/pipeline.py --shards OUT/train [--objective fima] [--batch 8] [--frames 16] [--crop 224]
+    python benchmarks/pipeline.py                       # shards ../shared/data/ucf101-mini into a temp folder
+
+Both sides produce the same batch (two windows per video; per window the global clip and, for FIMA, the two
+local halves; random-resized crop and flip per view; frame differences; colour twist, grayscale, blur and
+normalisation per clip) on the same cores: the baseline is a torch DataLoader with one worker per core
+that seeks with PyAV, decodes both windows and does the maths in torch. Prints one JSON line:
+videos/s, batches/s and clips/s of each, and the ratio. With --backend gpu (on a GPU machine) the
+pipeline side runs on the GPU and also reports decoded frames/s and, when pynvml is importable, the mean
+NVDEC utilisation during the timed steps.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import AugConfig, ShardSet, pretrain_loader              # noqa: E402
+from pipeline import sampling                                         # noqa: E402
+from pipeline.config import OBJECTIVE_OUTPUTS                         # noqa: E402
+
+UCF_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "ucf101-mini"
+
+
+# ------------------------------------------------------------------------------------------ baseline
+def _decode_window(container, stream, pts: list[int], start: int, count: int) -> np.ndarray:
+    """Frames start..start+count-1 (edge-padded past the end) as uint8 [count, H, W, 3]: seek with PyAV to
+    the keyframe before ``start`` and decode forward. ``pts`` is the sorted presentation times (frame i)."""
+    index_of = {p: i for i, p in enumerate(pts)}
+    idx = sampling.clamp_frames(np.arange(start, start + count), len(pts))
+    container.seek(pts[idx[0]], stream=stream, backward=True, any_frame=False)
+    out = {}
+    for frame in container.decode(stream):
+        i = index_of.get(frame.pts, -1)
+        if i >= idx[0]:
+            out[i] = frame.to_ndarray(format="rgb24")
+        if i >= idx[-1]:
+            break
+    return np.stack([out[i] for i in idx])
+
+
+def _colour_matrix(s: float, hue_deg: float) -> torch.Tensor:
+    """Saturation and hue as one 3x3 RGB matrix (a scaled rotation of the YIQ chroma plane)."""
+    rgb2yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
+    h = math.radians(hue_deg)
+    rot = torch.tensor([[1, 0, 0], [0, s * math.cos(h), -s * math.sin(h)], [0, s * math.sin(h), s * math.cos(h)]])
+    return torch.linalg.inv(rgb2yiq) @ rot @ rgb2yiq
+
+
+class BaselineViews(torch.utils.data.Dataset):
+    """The same views as the pipeline, done the straightforward way (PyAV + torch), one video per item."""
+
+    def __init__(self, shard_dir, outputs, cfg: AugConfig, seed: int):
+        self.shards, self.outputs, self.cfg, self.seed = ShardSet(shard_dir), outputs, cfg, seed
+
+    def __len__(self):
+        return len(self.shards)
+
+    def _view(self, frames: np.ndarray, rng) -> torch.Tensor:           # -> [3, T, S, S] in [0, 1]
+        H, W = frames.shape[1:3]
+        i, j, h, w = sampling.random_resized_crop(rng, H, W, self.cfg.crop_area, self.cfg.crop_aspect)
+        x = torch.from_numpy(frames[:, i:i + h, j:j + w]).permute(0, 3, 1, 2).float() / 255
+        x = F.interpolate(x, size=(self.cfg.crop_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+        if rng.random() < self.cfg.flip_p:
+            x = x.flip(-1)
+        return x.permute(1, 0, 2, 3)
+
+    def _colour(self, x: torch.Tensor, rng) -> torch.Tensor:            # [3, T, S, S] in [0, 1] -> normalised
+        b, c, s, hue, blur, sigma, window = sampling.colour_params(rng, self.cfg).tolist()
+        x = torch.einsum("ij,jthw->ithw", _colour_matrix(s, hue), x)
+        x = (((x - 0.5) * c + 0.5) * b).clamp(0, 1)
+        if blur:
+            r = int(window) // 2
+            g = torch.exp(-torch.arange(-r, r + 1.0) ** 2 / (2 * sigma ** 2))
+            g = (g / g.sum()).to(x.dtype)
+            y = x.reshape(-1, 1, *x.shape[-2:])
+            y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1))
+            y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1))
+            x = y.reshape(x.shape)
+        mean = torch.tensor(self.cfg.mean).view(3, 1, 1, 1)
+        std = torch.tensor(self.cfg.std).view(3, 1, 1, 1)
+        return (x - mean) / std
+
+    def __getitem__(self, index: int) -> dict:
+        import av
+        rng = np.random.default_rng([self.seed, index])
+        sample = self.shards.read(index)
+        T, st = self.cfg.num_frames, self.cfg.stride
+        starts = sampling.window_starts(rng, sample.num_frames, T * st, 2)
+        out = {}
+        with av.open(io.BytesIO(sample.data.tobytes())) as container:
+            stream = container.streams.video[0]
+            pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None)
+            for c, start in zip("mn", starts):
+                window = _decode_window(container, stream, pts, int(start), T * st)
+                views = {"": window[::st]}
+                if f"diff_{c}1" in self.outputs:
+                    views.update({"1": window[:T], "2": window[T:]})
+                for part, frames in views.items():
+                    x = self._view(frames, rng)
+                    if part == "" and f"rgb_{c}" in self.outputs:
+                        out[f"rgb_{c}"] = self._colour(x, rng)
+                    if part == "" and f"raw_{c}" in self.outputs:
+                        out[f"raw_{c}"] = x
+                    if f"diff_{c}{part}" in self.outputs:
+                        out[f"diff_{c}{part}"] = self._colour((x - torch.roll(x, 1, dims=1) + 1) / 2, rng)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _time(batches, steps: int, warmup: int, on_gpu: bool) -> float:
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    if on_gpu:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    if on_gpu:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def _nvdec_sampler():
+    """Mean NVDEC utilisation (%) over a timed region, via pynvml when it is installed."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    except Exception:
+        return None
+    samples, stop = [], threading.Event()
+
+    def run():
+        while not stop.is_set():
+            samples.append(pynvml.nvmlDeviceGetDecoderUtilization(handle)[0])
+            time.sleep(0.05)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return lambda: (stop.set(), thread.join(), float(np.mean(samples)) if samples else None)[-1]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shards", type=Path, help="a shard set folder (OUT/train); default: shard ucf101-mini")
+    p.add_argument("--objective", default="fima", choices=sorted(OBJECTIVE_OUTPUTS))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--backend", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="baseline DataLoader workers")
+    args = p.parse_args(argv)
+
+    tmp = None
+    if args.shards is None:
+        from preprocess.cli import main as preprocess_main
+        tmp = tempfile.TemporaryDirectory()
+        if not (UCF_MINI / "classInd.txt").is_file():
+            sys.exit(f"no --shards given and {UCF_MINI} is absent")
+        assert preprocess_main([str(UCF_MINI), tmp.name, "--format", "ucf101", "--no-progress"]) == 0
+        args.shards = Path(tmp.name) / "train"
+
+    cfg = AugConfig(num_frames=args.frames, crop_size=args.crop)
+    outputs = OBJECTIVE_OUTPUTS[args.objective]
+    clips_per_video = sum(not k.startswith("box") for k in outputs)
+    torch.set_num_threads(1)
+
+    loader = pretrain_loader(args.shards, outputs, batch_size=args.batch, config=cfg, backend=args.backend)
+    on_gpu = args.backend == "gpu"
+    nvdec = _nvdec_sampler() if on_gpu else None
+    batches = _endless(loader)
+    next(batches)
+    frames_before = loader.stats["decoded_frames"]
+    t_pipe = _time(batches, args.steps, args.warmup, on_gpu)
+    decoded = loader.stats["decoded_frames"] - frames_before
+    nvdec_util = nvdec() if nvdec else None
+    loader.close()
+
+    base = torch.utils.data.DataLoader(BaselineViews(args.shards, outputs, cfg, seed=0), batch_size=args.batch,
+                                       shuffle=True, num_workers=args.workers, drop_last=True,
+                                       persistent_workers=args.workers > 0, prefetch_factor=2 if args.workers else None)
+    t_base = _time(_endless(base), args.steps, args.warmup, False)
+
+    videos = args.steps * args.batch
+    result = {
+        "benchmark": "pipeline", "objective": args.objective, "backend": args.backend, "batch": args.batch,
+        "frames": args.frames, "crop": args.crop, "steps": args.steps, "cores": len(os.sched_getaffinity(0)),
+        "shards": str(args.shards), "baseline": f"PyAV seek+decode + torch views, DataLoader x{args.workers} workers",
+        "pipeline_videos_per_s": round(videos / t_pipe, 2), "pipeline_batches_per_s": round(args.steps / t_pipe, 3),
+        "pipeline_clips_per_s": round(videos * clips_per_video / t_pipe, 2),
+        "baseline_videos_per_s": round(videos / t_base, 2), "baseline_batches_per_s": round(args.steps / t_base, 3),
+        "baseline_clips_per_s": round(videos * clips_per_video / t_base, 2),
+        "ratio": round(t_base / t_pipe, 3),
+    }
+    if on_gpu:
+        result.update({"decoded_frames_per_s": None, "nvdec_util_pct": nvdec_util,
+                       "gpu": torch.cuda.get_device_name()})
+    # decoded frames include each window's lead-in from its keyframe (and prefetched batches)
+    result["pipeline_decoded_frames_per_s"] = round(decoded / t_pipe, 1)
+    if on_gpu:
+        result["decoded_frames_per_s"] = result["pipeline_decoded_frames_per_s"]
+    print(json.dumps(result))
+    if tmp is not None:
+        tmp.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()

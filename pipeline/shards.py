@@ -1,0 +1,163 @@
+"""Random access to the samples of a shard set, through the DALI index files (no tar scan).
+
+A ``ShardSet`` lists every sample of ``OUT/<split>`` in manifest order (shard by shard, then tar order),
+which defines the *sample index* used everywhere in ``pipeline/`` (the ``index`` output). Reading a
+sample is one ``pread`` of the byte span its components occupy in the tar.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.container import Track, parse_mp4
+from preprocess import format as shard_format
+
+# Video codecs by MP4 sample-entry fourcc. The CPU decoder of DALI 2.4 handles only these.
+CPU_CODECS = {"vp09": "VP9", "vp08": "VP8", "mjpa": "MJPEG", "mjpg": "MJPEG", "jpeg": "MJPEG"}
+GPU_ONLY_CODECS = {"avc1": "H.264", "avc3": "H.264", "hvc1": "HEVC", "hev1": "HEVC", "av01": "AV1", "mp4v": "MPEG-4"}
+
+
+class CodecError(ValueError):
+    """The backend cannot decode the shard's codec."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample read from a shard: the encoded video and what the pipeline needs to sample it."""
+    index: int           # position in the shard set (manifest order)
+    key: str
+    data: np.ndarray     # encoded video, uint8 [nbytes]
+    label: int
+    num_frames: int
+    height: int
+    width: int
+    codec: str           # fourcc of the video sample entry ("vp09", ...), "" when unknown
+    track: Track | None  # the MP4's sample table (for trimming to the needed GOPs), None if not an MP4
+
+
+def _parse_index(path: Path) -> list[tuple[dict[str, tuple[int, int]], str]]:
+    """Parse a wds2idx index: ``v1.2 N`` then per sample ``ext offset size [name]`` groups.
+
+    Returns per sample ({ext: (offset, size)}, key); the key is "" when the index has no names."""
+    lines = path.read_text().split("\n")
+    head = lines[0].split()
+    if len(head) != 2 or not head[0].startswith("v1"):
+        raise ValueError(f"{path}: not a DALI webdataset index (first line {lines[0]!r})")
+    n = int(head[1])
+    samples = []
+    for line in lines[1:n + 1]:
+        tok = line.split()
+        # v1.2 written by DALI's wds2idx has a 4th field (the member name); accept 3-field groups too.
+        quads = (len(tok) % 4 == 0 and all(t.isdigit() for t in tok[1::4] + tok[2::4])
+                 and all(name.endswith("." + ext) for ext, name in zip(tok[0::4], tok[3::4])))
+        step = 4 if quads else 3
+        if len(tok) % step:
+            raise ValueError(f"{path}: malformed index line {line!r}")
+        comps = {tok[i]: (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok), step)}
+        key = tok[3].rsplit("/", 1)[-1].split(".", 1)[0] if quads else ""
+        samples.append((comps, key))
+    if len(samples) != n:
+        raise ValueError(f"{path}: header says {n} samples, found {len(samples)} lines: re-run `python -m preprocess`")
+    return samples
+
+
+class ShardSet:
+    """The samples of one shard folder (``OUT/<split>``), read by offset through the ``.idx`` files."""
+
+    def __init__(self, shard_dir: str | Path):
+        self.dir = Path(shard_dir)
+        self.manifest = shard_format.load_manifest(self.dir)   # clear errors for a missing/empty folder
+        self.tars = shard_format.shard_paths(self.dir, self.manifest)
+        self.classes = list(self.manifest.get("classes") or [])
+        entries = []            # (tar number, components, key)
+        for t, tar in enumerate(self.tars):
+            entries += [(t, comps, key) for comps, key in _parse_index(shard_format.index_path(tar))]
+        if not entries:
+            raise ValueError(f"{self.dir}: the shard set holds 0 samples: re-run `python -m preprocess`")
+        need = (shard_format.VIDEO_EXT, shard_format.LABEL_EXT, shard_format.FRAMES_EXT)
+        for t, comps, _ in entries:
+            missing = [e for e in need if e not in comps]
+            if missing:
+                raise ValueError(f"{self.tars[t]}: a sample lacks {missing} (has {sorted(comps)}): "
+                                 "these shards were not written by `python -m preprocess`")
+        self._entries = entries
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()             # reads come from a small thread pool
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def key(self, index: int) -> str:
+        """The sample key from the index file ("" when the index carries no member names)."""
+        return self._entries[index][2]
+
+    def _fd(self, t: int) -> int:
+        with self._lock:
+            if t not in self._fds:
+                self._fds[t] = os.open(self.tars[t], os.O_RDONLY)
+            return self._fds[t]
+
+    def read(self, index: int) -> Sample:
+        """Read sample ``index``: one pread over the span of its components."""
+        t, comps, key = self._entries[index]
+        lo = min(off for off, _ in comps.values())
+        hi = max(off + size for off, size in comps.values())
+        span = os.pread(self._fd(t), hi - lo, lo)
+        if len(span) != hi - lo:
+            raise OSError(f"{self.tars[t]}: short read at offset {lo} (truncated shard?)")
+
+        def part(ext):
+            off, size = comps[ext]
+            return span[off - lo:off - lo + size]
+
+        video = np.frombuffer(part(shard_format.VIDEO_EXT), dtype=np.uint8)
+        track = parse_mp4(video)
+        meta = json.loads(part(shard_format.META_EXT)) if shard_format.META_EXT in comps else {}
+        if track is not None:
+            codec, width, height = track.codec, track.width, track.height
+        elif "width" in meta and "height" in meta:   # not an MP4 (e.g. WebM): trust the JSON record
+            codec, width, height = "", int(meta["width"]), int(meta["height"])
+        else:
+            raise ValueError(f"{self.tars[t]}: sample {index} is not a parseable MP4 and its JSON record has no "
+                             "width/height: re-shard with `python -m preprocess`")
+        key = key or str(meta.get("key", f"sample{index}"))
+        num_frames = shard_format.unpack_int32(part(shard_format.FRAMES_EXT))
+        if track is not None and track.num_samples:      # never ask for frames the stream does not hold
+            num_frames = min(num_frames, track.num_samples)
+        return Sample(index=index, key=key, data=video, label=shard_format.unpack_int32(part(shard_format.LABEL_EXT)),
+                      num_frames=num_frames,
+                      height=height, width=width, codec=codec, track=track)
+
+    def labels(self) -> np.ndarray:
+        """Every sample's label (int64 [N]); reads 4 bytes per sample."""
+        out = np.empty(len(self), dtype=np.int64)
+        for i, (t, comps, _) in enumerate(self._entries):
+            off, size = comps[shard_format.LABEL_EXT]
+            out[i] = shard_format.unpack_int32(os.pread(self._fd(t), size, off))
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def check_codec(sample: Sample, backend: str, where: str) -> None:
+    """Raise a CodecError naming the fix when ``backend`` cannot decode ``sample``."""
+    if backend != "cpu" or sample.codec in CPU_CODECS or sample.codec == "":
+        return
+    name = GPU_ONLY_CODECS.get(sample.codec, sample.codec)
+    raise CodecError(f"{where}: sample {sample.index} is {name} ({sample.codec!r}), which DALI's CPU video decoder "
+                     "cannot decode (it handles VP9, VP8 and MJPEG only). Re-shard with VP9: "
+                     "`python -m preprocess SRC OUT --codec vp9`, or use backend='gpu'.")

@@ -1,0 +1,122 @@
+"""Checkpoints: atomic, periodic, on pre-emption signals, newest k kept, corrupt ones skipped on resume.
+
+A checkpoint is one `torch.save` of plain containers and tensors (so it loads with `weights_only=True`):
+objective state (encoders, heads, queues), optimiser, step/epoch, pipeline reader position, RNG states,
+and the config. Only rank 0 writes; it writes `ckpt-<step>.pt` to a temp name, fsyncs and renames, so a
+killed run never leaves a checkpoint that looks whole.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])]}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    name, keys, pos, gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(gauss), float(cached)))
+
+
+class CheckpointManager:
+    def __init__(self, folder: str | Path, keep: int = 3, is_main: bool = True):
+        self.folder = Path(folder)
+        self.keep = max(1, keep)
+        self.is_main = is_main
+        if is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def paths(self) -> list[Path]:
+        """Checkpoints, newest first."""
+        found = [(int(m.group(1)), p) for p in self.folder.glob("ckpt-*.pt") if (m := NAME.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, state: dict, step: int) -> Path | None:
+        if not self.is_main:
+            return None
+        path = self.folder / f"ckpt-{step:08d}.pt"
+        tmp = self.folder / f".{path.name}.{os.getpid()}.tmp"
+        # a pre-emption signal arriving mid-write must not interrupt it: hold them off until the rename
+        with _signals_deferred():
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        for old in self.paths()[self.keep:]:
+            old.unlink(missing_ok=True)
+        return path
+
+    @staticmethod
+    def load(path: str | Path, map_location="cpu") -> dict:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} not found")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:   # truncated zip, wrong file, pickled objects that are not plain data
+            raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                             "it may be truncated by a killed copy: use an older one or --resume none") from None
+
+    def load_latest(self, map_location="cpu") -> tuple[dict, Path] | None:
+        """The newest checkpoint that loads; a corrupt one is skipped with a warning."""
+        for p in self.paths():
+            try:
+                return self.load(p, map_location), p
+            except ValueError as e:
+                warnings.warn(f"skipping {e}", stacklevel=2)
+        return None
+
+
+class _signals_deferred:
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __enter__(self):
+        self.pending, self.old = [], {}
+        for s in self.SIGNALS:
+            try:
+                self.old[s] = signal.signal(s, lambda num, frame: self.pending.append(num))
+            except ValueError:   # not the main thread: nothing to defer
+                pass
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        for num in self.pending:
+            signal.raise_signal(num)
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 (cluster pre-emption, `scancel --signal`, torchrun shutdown); the loop checks it
+    after each step, checkpoints and exits with EXIT_PREEMPTED so a scheduler requeues the job."""
+
+    EXIT_PREEMPTED = 75   # EX_TEMPFAIL: "try again later", resume with --resume auto
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __bool__(self):
+        return self.signum is not None

@@ -1,0 +1,153 @@
+"""Run configuration: one flat dict of plain values, a named preset (YAML) on top, then `key=value` overrides.
+
+Every key has a default and a type here; a preset or an override may only set known keys (a typo is an
+error that lists the valid keys), and values are parsed as YAML scalars and checked against the default's
+type and, where there is one, the list of choices. The resolved config is written into the run folder and
+stored in every checkpoint.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# name: (default, help). Types come from the defaults; None means "a string or nothing".
+DEFAULTS: dict[str, tuple[object, str]] = {
+    # data
+    "data": ("", "shard set folder written by `python -m preprocess` (e.g. shards/k400/train)"),
+    "backend": ("auto", "DALI backend: gpu (NVDEC + GPU ops), cpu, or auto (gpu when CUDA is available)"),
+    "num_threads": (4, "DALI CPU threads per rank"),
+    "frames": (16, "frames per clip (T)"),
+    "stride": (2, "temporal stride of the global clip (windows are frames*stride long)"),
+    "crop": (224, "spatial crop size (S)"),
+    "min_area": (0.2, "random-resized-crop: smallest area fraction"),
+    "frame0": ("wrap", "frame difference of frame 0: wrap (reference: X0 - X(T-1)) or zero"),
+    # model and objective
+    "objective": ("fima", "pretraining objective: fima, moco or fame"),
+    "backbone": ("i3d", "backbone: i3d, r3d18 or r2plus1d18"),
+    "queue_size": (65536, "instance (and motion) queue length K"),
+    "dense_queue_size": (0, "FIMA dense queue length (0 = off)"),
+    "momentum_ema": (0.999, "EMA momentum of the key encoder"),
+    "temperature": (0.1, "instance / local contrastive temperature"),
+    "dense_temperature": (0.1, "FIMA dense contrastive temperature"),
+    "dense_weight": (1.0, "FIMA weight of the dense loss"),
+    "pos_ratio": (0.7, "FIMA positive rule: centre distance / larger cell diagonal must be below this"),
+    "dense_coords": ("normalized", "FIMA positive-rule coordinates: normalized (reference, per-axis) or pixel"),
+    "self_negative_bug": (False, "FIMA/MoCo: reproduce the reference's second-direction self-negative"),
+    "fame_beta": (0.5, "FAME: foreground fraction"),
+    # optimisation
+    "batch_size": (8, "clips (videos) per rank per step"),
+    "epochs": (100, "training epochs"),
+    "max_steps": (0, "stop after this many steps (0 = run all epochs); the schedule still spans all epochs"),
+    "lr": (0.01, "learning rate per 64 videos of global batch (scaled linearly with the global batch)"),
+    "warmup_epochs": (0.0, "linear warm-up before the cosine decay"),
+    "optimizer": ("sgd", "sgd (momentum) or adam"),
+    "schedule": ("cosine", "cosine (per step, after warm-up) or step (x0.1 at decay_epoch)"),
+    "decay_epoch": (0, "step schedule: the epoch at which the lr drops x0.1"),
+    "momentum": (0.9, "SGD momentum"),
+    "weight_decay": (1e-4, "weight decay"),
+    # system
+    "precision": ("bf16", "bf16 (autocast), fp16 (autocast + grad scaler) or fp32"),
+    "channels_last": (True, "keep clips and weights in channels_last_3d"),
+    "compile": (False, "torch.compile the objective"),
+    "cudnn_benchmark": (True, "cuDNN autotuning (fixed clip shapes)"),
+    "seed": (0, "seed of sampling, augmentation and initialisation"),
+    "out_dir": ("runs/default", "run folder: config, checkpoints, TensorBoard logs"),
+    "ckpt_every": (500, "save a checkpoint every N steps (and at the end, and on SIGTERM/SIGUSR1)"),
+    "keep_ckpts": (3, "keep the newest N checkpoints"),
+    "log_every": (10, "console / TensorBoard scalars every N steps"),
+    "max_bad_steps": (5, "stop after this many non-finite losses in a row"),
+}
+
+CHOICES = {
+    "backend": ("auto", "gpu", "cpu"),
+    "frame0": ("wrap", "zero"),
+    "objective": ("fima", "moco", "fame"),
+    "backbone": ("i3d", "r3d18", "r2plus1d18"),
+    "dense_coords": ("normalized", "pixel"),
+    "precision": ("bf16", "fp16", "fp32"),
+    "optimizer": ("sgd", "adam"),
+    "schedule": ("cosine", "step"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad preset, key or value; the message says what is valid."""
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _check(key: str, value, where: str):
+    if key not in DEFAULTS:
+        close = difflib.get_close_matches(key, DEFAULTS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(DEFAULTS)}")
+    default = DEFAULTS[key][0]
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:   # strings: a YAML number given for a path-like key (out_dir=2024) is still a string
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{key}={value!r} in {where}: expected {type(default).__name__} like {default!r} "
+                          f"({DEFAULTS[key][1]})")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}={value!r} in {where}: choose one of {', '.join(CHOICES[key])}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise ConfigError(f"{key}={value!r} in {where}: must not be negative")
+    return value
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """Defaults <- preset file <- key=value overrides, each checked."""
+    cfg = {k: v for k, (v, _) in DEFAULTS.items()}
+    if preset:
+        path = Path(preset)
+        if not path.is_file() and (CONFIG_DIR / f"{preset}.yaml").is_file():
+            path = CONFIG_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"config preset {preset!r} not found; presets: {', '.join(presets())} "
+                              f"(in {CONFIG_DIR}), or a path to a YAML file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must be a mapping of key: value")
+        for k, v in data.items():
+            cfg[k] = _check(k, v, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. batch_size=16)")
+        k, v = item.split("=", 1)
+        try:
+            value = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError:
+            value = v
+        cfg[k] = _check(k, value, "the command line")
+    if cfg["crop"] < 16 or cfg["frames"] < 2:
+        raise ConfigError(f"crop={cfg['crop']} / frames={cfg['frames']} are too small (crop >= 16, frames >= 2)")
+    if cfg["batch_size"] < 1:
+        raise ConfigError("batch_size must be at least 1")
+    return cfg
+
+
+def describe() -> str:
+    """Every key with its default and meaning, for --help."""
+    width = max(map(len, DEFAULTS))
+    lines = []
+    for k, (v, h) in DEFAULTS.items():
+        choices = f" [{'|'.join(CHOICES[k])}]" if k in CHOICES else ""
+        lines.append(f"  {k:<{width}}  {v!r:<14} {h}{choices}")
+    return "\n".join(lines)

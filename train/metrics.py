@@ -1,0 +1,46 @@
+"""Metrics: TensorBoard scalars, a console line, a progress bar with ETA, and a JSON-lines log (rank 0 only)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class Metrics:
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 progress: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
+        self.log_file = open(Path(out_dir) / "metrics.jsonl", "a")
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not progress)
+
+    def step(self, n: int = 1, postfix: dict | None = None) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            self.bar.update(n)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        self.log_file.write(json.dumps({"step": step, "time": round(time.time(), 3), **scalars}) + "\n")
+        self.log_file.flush()
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            self.log_file.close()

@@ -1,0 +1,221 @@
+"""The pretraining loop, top to bottom: FIMA, MoCo or FAME on DALI batches, one process or many.
+
+    python -m train --config demo                                   # one process (CPU or one GPU)
+    torchrun --nproc-per-node=8 -m train --config k400_i3d_fima     # one node, 8 GPUs
+    torchrun --nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m train --config ...
+
+Order of things: distributed set-up, run folder, data, model, optimiser, precision/compile/DDP wrapping,
+resume, then the loop. Checkpoints hold everything a resumed run needs to continue the same sample stream
+with the same augmentations (the pipeline draws every random parameter from (seed, epoch, position)).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import build_objective
+from pipeline import AugConfig, pretrain_loader
+
+from . import distributed as D
+from .checkpoint import CheckpointManager, PreemptionFlag, rng_state, set_rng_state
+from .metrics import Metrics
+
+# keys that change the model or the sample stream: a resumed run must agree on them
+ARCH_KEYS = ("objective", "backbone", "frames", "stride", "crop", "queue_size", "dense_queue_size", "data", "seed")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (bad data, repeated non-finite losses, an incompatible checkpoint)."""
+
+
+def objective_kwargs(cfg: dict) -> dict:
+    """Config keys -> the objective's constructor arguments (model/ takes plain keywords, not configs)."""
+    kw = dict(backbone=cfg["backbone"], K=cfg["queue_size"], m=cfg["momentum_ema"], T=cfg["temperature"],
+              self_negative_bug=cfg["self_negative_bug"])
+    if cfg["objective"] == "fima":
+        kw.update(dense_K=cfg["dense_queue_size"], dense_T=cfg["dense_temperature"], dense_weight=cfg["dense_weight"],
+                  pos_ratio=cfg["pos_ratio"], dense_coords=cfg["dense_coords"])
+    if cfg["objective"] == "fame":
+        kw.update(beta=cfg["fame_beta"])
+    return kw
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, decay_step: int | None = None) -> float:
+    """Linear warm-up, then cosine to zero per step, or (decay_step given) constant then x0.1 from decay_step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if decay_step is not None:
+        return peak * (0.1 if step >= decay_step else 1.0)
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def precision_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
+    # --- distributed, device, seeds -----------------------------------------------------------------------
+    use_cuda = torch.cuda.is_available() and cfg["backend"] != "cpu"
+    d = D.setup(use_cuda)
+    backend = cfg["backend"] if cfg["backend"] != "auto" else ("gpu" if use_cuda else "cpu")
+    torch.manual_seed(cfg["seed"])                       # identical initial weights on every rank
+    if use_cuda:
+        torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"]
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    out_dir = Path(cfg["out_dir"])
+    ckpts = CheckpointManager(out_dir / "checkpoints", cfg["keep_ckpts"], d.is_main)
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f".config.yaml.{os.getpid()}"
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        os.replace(tmp, out_dir / "config.yaml")
+
+    # --- data ---------------------------------------------------------------------------------------------
+    aug = AugConfig(num_frames=cfg["frames"], stride=cfg["stride"], crop_size=cfg["crop"],
+                    crop_area=(cfg["min_area"], 1.0), frame0=cfg["frame0"])
+    loader = pretrain_loader(cfg["data"], cfg["objective"], batch_size=cfg["batch_size"], config=aug,
+                             seed=cfg["seed"], rank=d.rank, world_size=d.world_size, backend=backend,
+                             device_id=d.local_rank if backend == "gpu" else None, num_threads=cfg["num_threads"])
+    steps_per_epoch = len(loader)
+    total_steps = cfg["epochs"] * steps_per_epoch
+    stop_step = min(total_steps, cfg["max_steps"]) if cfg["max_steps"] else total_steps
+    global_batch = cfg["batch_size"] * d.world_size
+
+    # --- model, optimiser, precision, wrapping -------------------------------------------------------------
+    model = build_objective(cfg["objective"], **objective_kwargs(cfg)).to(d.device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last_3d)
+    params = [p for p in model.parameters() if p.requires_grad]
+    peak_lr = cfg["lr"] * global_batch / 64
+    if cfg["optimizer"] == "adam":
+        opt = torch.optim.Adam(params, lr=peak_lr, weight_decay=cfg["weight_decay"])
+    else:
+        opt = torch.optim.SGD(params, lr=peak_lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    decay_step = cfg["decay_epoch"] * steps_per_epoch if cfg["schedule"] == "step" else None
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg["precision"] == "fp16")
+    amp = precision_context(cfg["precision"], d.device)
+    raw_model = model                                    # unwrapped: what checkpoints hold
+    if cfg["compile"]:                                   # in place, so state_dict keys stay the same
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    if d.enabled:   # queues are identical on every rank already: no buffer broadcast
+        model = DDP(model, device_ids=[d.local_rank] if use_cuda else None, broadcast_buffers=False)
+    torch.manual_seed(cfg["seed"] * 1000 + d.rank + 1)   # per-rank stream for dropout / FAME permutations
+
+    # --- resume -------------------------------------------------------------------------------------------
+    step = 0
+    if resume != "none":
+        found = ckpts.load_latest() if resume == "auto" else (CheckpointManager.load(resume), Path(resume))
+        if found:
+            state, path = found
+            diff = {k: (state["config"].get(k), cfg[k]) for k in ARCH_KEYS if state["config"].get(k) != cfg[k]}
+            if diff:
+                raise TrainingError(f"{path} was written with other settings {diff} (checkpoint, now): use the same "
+                                    "config, another out_dir, or --resume none")
+            raw_model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            loader.load_state_dict(state["loader"])
+            set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
+            step = state["step"]
+            if d.is_main:
+                print(f"resumed from {path} at step {step} (epoch {loader.epoch}, batch {loader.step})")
+
+    def save() -> None:
+        rngs = [None] * d.world_size
+        if d.enabled:
+            torch.distributed.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        ckpts.save({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                    "loader": loader.state_dict(), "rng": rngs, "step": step, "config": cfg,
+                    "world_size": d.world_size}, step)
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    metrics = Metrics(out_dir, stop_step, step, enabled=d.is_main, progress=progress)
+    if d.is_main:
+        metrics.print(f"{cfg['objective']} / {cfg['backbone']}: {loader.num_videos} videos, {steps_per_epoch} steps "
+                      f"per epoch x {cfg['epochs']} epochs, global batch {global_batch} on {d.world_size} "
+                      f"{'GPU' if use_cuda else 'CPU'} process(es), peak lr {peak_lr:.4g}, {cfg['precision']}")
+    preempted = PreemptionFlag()
+    bad_in_a_row, window = 0, {"n": 0, "wait": 0.0, "time": 0.0, "sums": {}}
+    model.train()
+    try:
+        while step < stop_step:
+            if hasattr(raw_model, "set_epoch"):   # objectives with epoch-dependent terms (multi-level)
+                raw_model.set_epoch(loader.epoch)
+            t_ready = time.perf_counter()
+            for batch in loader:
+                t_batch = time.perf_counter()
+                lr = lr_at(step, total_steps, int(cfg["warmup_epochs"] * steps_per_epoch), peak_lr, decay_step)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with amp:
+                    out = model(batch)
+                loss = out["loss"]
+                finite = not D.any_rank(not bool(torch.isfinite(loss.detach())), d)
+                if finite:
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    bad_in_a_row = 0
+                else:   # skip the update on every rank (they agreed above), keep going unless it persists
+                    opt.zero_grad(set_to_none=True)
+                    bad_in_a_row += 1
+                    metrics.print(f"step {step}: non-finite loss ({float(loss):.3g}), update skipped "
+                                  f"({bad_in_a_row} in a row)")
+                step += 1
+                if use_cuda:
+                    torch.cuda.synchronize(d.device)   # honest step times for the data-wait fraction
+                t_done = time.perf_counter()
+                window["n"] += 1
+                window["wait"] += t_batch - t_ready
+                window["time"] += t_done - t_ready
+                for k, v in out.items():
+                    if v.numel() == 1:
+                        window["sums"][k] = window["sums"].get(k, 0.0) + float(v.detach())
+                metrics.step(postfix={"loss": float(loss.detach()), "lr": lr})
+                if bad_in_a_row >= cfg["max_bad_steps"]:
+                    save()
+                    raise TrainingError(f"{bad_in_a_row} non-finite losses in a row at step {step}: lower lr, use "
+                                        "precision=fp32 to check, or inspect the data; a checkpoint was saved")
+                if step % cfg["log_every"] == 0 or step == stop_step:
+                    n = window["n"]
+                    scalars = D.mean_over_ranks({f"loss/{k}" if k.startswith("loss") else f"metric/{k}": s / n
+                                                 for k, s in window["sums"].items()}, d)
+                    scalars.update({"lr": lr, "epoch": step / steps_per_epoch,
+                                    "videos_per_s": n * global_batch / window["time"],
+                                    "data_wait_fraction": window["wait"] / window["time"]})
+                    if use_cuda:
+                        scalars["gpu_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+                    metrics.log(step, scalars)
+                    window = {"n": 0, "wait": 0.0, "time": 0.0, "sums": {}}
+                stop = D.any_rank(bool(preempted), d)
+                if stop or step % cfg["ckpt_every"] == 0 or step == stop_step:
+                    save()
+                if stop:
+                    metrics.print(f"pre-empted (signal {preempted.signum or 'on another rank'}): checkpoint at step "
+                                  f"{step} saved in {ckpts.folder}; resume with --resume auto")
+                    return PreemptionFlag.EXIT_PREEMPTED
+                if step >= stop_step:
+                    break
+                t_ready = time.perf_counter()
+        if d.is_main:
+            metrics.print(f"done: {step} steps, checkpoints in {ckpts.folder}, TensorBoard logs in {out_dir / 'tb'}")
+        return 0
+    finally:
+        metrics.close()
+        loader.close()
+        D.barrier(d)
+        D.cleanup()
