@@ -20,8 +20,9 @@ from .fame import FAME
 from .fima import FIMA
 from .heads import Classifier, Projector
 from .moco import MoCo
+from .multilevel import MultiLevel
 
-OBJECTIVES: dict[str, type[nn.Module]] = {"moco": MoCo, "fame": FAME, "fima": FIMA}
+OBJECTIVES: dict[str, type[nn.Module]] = {"moco": MoCo, "fame": FAME, "fima": FIMA, "multilevel": MultiLevel}
 
 
 def build_objective(name: str, **kwargs) -> nn.Module:
@@ -33,5 +34,5 @@ def build_objective(name: str, **kwargs) -> nn.Module:
 
 __all__ = [
     "BACKBONES", "build_backbone", "Projector", "Classifier", "MotionDecoder", "MoCo", "FAME", "FIMA",
-    "OBJECTIVES", "build_objective", "ColourAugment", "frame_difference", "KINETICS_MEAN", "KINETICS_STD",
+    "MultiLevel", "OBJECTIVES", "build_objective", "ColourAugment", "frame_difference", "KINETICS_MEAN", "KINETICS_STD",
 ]

@@ -6,6 +6,10 @@ map [B, feature_dim, T', H', W'] and exposing `feature_dim`.
 | "i3d"        | create_i3d         | 1024 | 12.29 M  | 2 x 7 x 7     | 2 x 4 x 4     |
 | "r3d18"      | create_r3d18       | 512  | 33.17 M  | 2 x 14 x 14   | 2 x 7 x 7     |
 | "r2plus1d18" | create_r2plus1d18  | 512  | 31.30 M  | 2 x 14 x 14   | 2 x 7 x 7     |
+| "r3d18_ml"   | create_r3d18_ml    | 512  | 33.20 M  | 2 x 7 x 7     | 2 x 4 x 4     |
+
+"r3d18_ml" is the multi-level method's R3D-18 (7x7x7 stem with temporal stride 1, spatial-only max-pool;
+r3d_multilevel.py); it also has `forward_levels` (layer2/3/4 maps) and `level_dims`.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from typing import Callable
 import torch.nn as nn
 
 from .i3d import create_i3d
+from .r3d_multilevel import create_r3d18_ml
 from .resnet3d import create_r2plus1d18, create_r3d18
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "i3d": create_i3d,
     "r3d18": create_r3d18,
     "r2plus1d18": create_r2plus1d18,
+    "r3d18_ml": create_r3d18_ml,
 }
 
 

@@ -13,7 +13,8 @@ FIMA_OUTPUTS = ("rgb_m", "rgb_n", "diff_m", "diff_n", "diff_m1", "diff_m2", "dif
 MOCO_OUTPUTS = ("rgb_m", "rgb_n")
 FAME_OUTPUTS = ("raw_m", "rgb_n")
 MULTILEVEL_OUTPUTS = ("clip_a", "clip_b", "clip_g")   # pipeline/multilevel.py lists every multi-level key
-OBJECTIVE_OUTPUTS = {"fima": FIMA_OUTPUTS, "moco": MOCO_OUTPUTS, "fame": FAME_OUTPUTS, "multilevel": MULTILEVEL_OUTPUTS}
+OBJECTIVE_OUTPUTS = {"fima": FIMA_OUTPUTS, "moco": MOCO_OUTPUTS, "fame": FAME_OUTPUTS,
+                     "multilevel": MULTILEVEL_OUTPUTS}
 
 # Every key a pretraining loader can produce. Clips are [B,3,T,S,S] float32 (channels_last_3d).
 PRETRAIN_CLIPS = ("rgb_m", "rgb_n", "raw_m", "raw_n", "diff_m", "diff_n", "diff_m1", "diff_m2", "diff_n1", "diff_n2")

@@ -34,6 +34,10 @@ from pipeline.graph import BACKENDS, META_DTYPES, _colour, _normalise
 from pipeline.shards import Sample
 from pipeline.views import Feed, Spec, View
 
+__all__ = ["MULTILEVEL_CLIPS", "MULTILEVEL_META", "MULTILEVEL_OUTPUTS", "REFERENCE_AUG", "clip_frames",
+           "draw_step_and_start", "is_multilevel", "multilevel_feed", "multilevel_graph", "multilevel_indices",
+           "multilevel_spec"]
+
 MULTILEVEL_CLIPS = ("clip_a", "clip_b", "clip_g", "raw_a", "raw_b", "raw_g")
 MULTILEVEL_META = ("box_a", "box_b", "box_g", "frame_hw", "ml_frames", "ml_step", "ml_start", "label", "index")
 _CLIPS = ("a", "b", "g")

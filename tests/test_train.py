@@ -150,3 +150,19 @@ def test_lr_schedules():
     assert lr_at(10, 100, 10, 1.0) == 1.0 and abs(lr_at(55, 100, 10, 1.0) - 0.5) < 1e-12
     assert lr_at(99, 100, 10, 1.0) < 1e-3                                         # cosine to ~0
     assert lr_at(49, 100, 0, 2.0, decay_step=50) == 2.0 and abs(lr_at(50, 100, 0, 2.0, decay_step=50) - 0.2) < 1e-12
+
+
+def test_multilevel_objective_trains_and_resumes_through_the_trainer(data, tmp_path):
+    """The fourth objective through the same trainer: Adam, step schedule, graph constraint on (split=0)."""
+    common = [*TINY, f"data={data}", "objective=multilevel", "backbone=r3d18_ml", "crop=32", "batch_size=2",
+              "optimizer=adam", "lr=0.001", "lr_scaling=none", "schedule=step", "decay_epoch=1", "temperature=0.07",
+              "split=0", "cluster=8", "proto_queue=16", "proto_queue_start=0", "ckpt_every=1"]
+    r = run_train(*common, "max_steps=2", f"out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_train(*common, "max_steps=3", f"out_dir={tmp_path}")
+    assert r.returncode == 0 and "at step 2" in r.stdout, r.stderr[-2000:]
+    logged = losses(tmp_path)
+    assert [x["step"] for x in logged] == [1, 2, 3]
+    assert all(x["metric/graph_on"] == 1.0 and x["loss/loss_graph_high"] > 0 for x in logged)
+    state = final_state(tmp_path)
+    assert state["step"] == 3 and any("proto" in k and "queue" in k for k in state["model"])

@@ -26,8 +26,8 @@ DEFAULTS: dict[str, tuple[object, str]] = {
     "min_area": (0.2, "random-resized-crop: smallest area fraction"),
     "frame0": ("wrap", "frame difference of frame 0: wrap (reference: X0 - X(T-1)) or zero"),
     # model and objective
-    "objective": ("fima", "pretraining objective: fima, moco or fame"),
-    "backbone": ("i3d", "backbone: i3d, r3d18 or r2plus1d18"),
+    "objective": ("fima", "pretraining objective: fima, moco, fame or multilevel"),
+    "backbone": ("i3d", "backbone: i3d, r3d18, r2plus1d18, or r3d18_ml (the multi-level R3D-18 variant)"),
     "queue_size": (65536, "instance (and motion) queue length K"),
     "dense_queue_size": (0, "FIMA dense queue length (0 = off)"),
     "momentum_ema": (0.999, "EMA momentum of the key encoder"),
@@ -38,6 +38,12 @@ DEFAULTS: dict[str, tuple[object, str]] = {
     "dense_coords": ("normalized", "FIMA positive-rule coordinates: normalized (reference, per-axis) or pixel"),
     "self_negative_bug": (False, "FIMA/MoCo: reproduce the reference's second-direction self-negative"),
     "fame_beta": (0.5, "FAME: foreground fraction"),
+    "cluster": (1000, "multilevel: number of prototypes K (the reference forgets to pass it)"),
+    "split": (20, "multilevel: epoch from which the graph constraint is on"),
+    "graph_threshold": (0.05, "multilevel: instance-graph threshold"),
+    "proto_queue": (1024, "multilevel: prototype queue length"),
+    "proto_queue_start": (10, "multilevel: epoch from which the prototype queue is used"),
+    "per_frame_colour": (False, "multilevel: the reference's per-frame colour jitter/grey instead of per clip"),
     # optimisation
     "batch_size": (8, "clips (videos) per rank per step"),
     "epochs": (100, "training epochs"),
@@ -45,6 +51,7 @@ DEFAULTS: dict[str, tuple[object, str]] = {
     "lr": (0.01, "learning rate per 64 videos of global batch (scaled linearly with the global batch)"),
     "warmup_epochs": (0.0, "linear warm-up before the cosine decay"),
     "optimizer": ("sgd", "sgd (momentum) or adam"),
+    "lr_scaling": ("linear", "linear: lr is per 64 videos and scales with the global batch; none: lr as given"),
     "schedule": ("cosine", "cosine (per step, after warm-up) or step (x0.1 at decay_epoch)"),
     "decay_epoch": (0, "step schedule: the epoch at which the lr drops x0.1"),
     "momentum": (0.9, "SGD momentum"),
@@ -52,7 +59,8 @@ DEFAULTS: dict[str, tuple[object, str]] = {
     # system
     "precision": ("bf16", "bf16 (autocast), fp16 (autocast + grad scaler) or fp32"),
     "channels_last": (True, "keep clips and weights in channels_last_3d"),
-    "compile": (False, "torch.compile the objective"),
+    "compile": (False, "torch.compile the backbones"),
+    "sync_bn": (False, "SyncBatchNorm across GPUs (the multi-level reference uses it)"),
     "cudnn_benchmark": (True, "cuDNN autotuning (fixed clip shapes)"),
     "seed": (0, "seed of sampling, augmentation and initialisation"),
     "out_dir": ("runs/default", "run folder: config, checkpoints, TensorBoard logs"),
@@ -65,12 +73,13 @@ DEFAULTS: dict[str, tuple[object, str]] = {
 CHOICES = {
     "backend": ("auto", "gpu", "cpu"),
     "frame0": ("wrap", "zero"),
-    "objective": ("fima", "moco", "fame"),
-    "backbone": ("i3d", "r3d18", "r2plus1d18"),
+    "objective": ("fima", "moco", "fame", "multilevel"),
+    "backbone": ("i3d", "r3d18", "r2plus1d18", "r3d18_ml"),
     "dense_coords": ("normalized", "pixel"),
     "precision": ("bf16", "fp16", "fp32"),
     "optimizer": ("sgd", "adam"),
     "schedule": ("cosine", "step"),
+    "lr_scaling": ("linear", "none"),
 }
 
 

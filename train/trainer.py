@@ -28,7 +28,8 @@ from .checkpoint import CheckpointManager, PreemptionFlag, rng_state, set_rng_st
 from .metrics import Metrics
 
 # keys that change the model or the sample stream: a resumed run must agree on them
-ARCH_KEYS = ("objective", "backbone", "frames", "stride", "crop", "queue_size", "dense_queue_size", "data", "seed")
+ARCH_KEYS = ("objective", "backbone", "frames", "stride", "crop", "queue_size", "dense_queue_size", "cluster", "data",
+             "seed")
 
 
 class TrainingError(RuntimeError):
@@ -37,6 +38,9 @@ class TrainingError(RuntimeError):
 
 def objective_kwargs(cfg: dict) -> dict:
     """Config keys -> the objective's constructor arguments (model/ takes plain keywords, not configs)."""
+    if cfg["objective"] == "multilevel":
+        return dict(backbone=cfg["backbone"], cluster=cfg["cluster"], T=cfg["temperature"], split=cfg["split"],
+                    thres=cfg["graph_threshold"], proto_queue=cfg["proto_queue"], queue_start=cfg["proto_queue_start"])
     kw = dict(backbone=cfg["backbone"], K=cfg["queue_size"], m=cfg["momentum_ema"], T=cfg["temperature"],
               self_negative_bug=cfg["self_negative_bug"])
     if cfg["objective"] == "fima":
@@ -82,7 +86,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
 
     # --- data ---------------------------------------------------------------------------------------------
     aug = AugConfig(num_frames=cfg["frames"], stride=cfg["stride"], crop_size=cfg["crop"],
-                    crop_area=(cfg["min_area"], 1.0), frame0=cfg["frame0"])
+                    crop_area=(cfg["min_area"], 1.0), frame0=cfg["frame0"], per_frame_colour=cfg["per_frame_colour"])
     loader = pretrain_loader(cfg["data"], cfg["objective"], batch_size=cfg["batch_size"], config=aug,
                              seed=cfg["seed"], rank=d.rank, world_size=d.world_size, backend=backend,
                              device_id=d.local_rank if backend == "gpu" else None, num_threads=cfg["num_threads"])
@@ -96,7 +100,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last_3d)
     params = [p for p in model.parameters() if p.requires_grad]
-    peak_lr = cfg["lr"] * global_batch / 64
+    peak_lr = cfg["lr"] * global_batch / 64 if cfg["lr_scaling"] == "linear" else cfg["lr"]
     if cfg["optimizer"] == "adam":
         opt = torch.optim.Adam(params, lr=peak_lr, weight_decay=cfg["weight_decay"])
     else:
@@ -106,8 +110,12 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     amp = precision_context(cfg["precision"], d.device)
     raw_model = model                                    # unwrapped: what checkpoints hold
     if cfg["compile"]:                                   # in place, so state_dict keys stay the same
-        model.encoder_q.compile()
-        model.encoder_k.compile()
+        for name in ("encoder_q", "encoder_k"):
+            if hasattr(model, name):
+                getattr(model, name).compile()
+    if d.enabled and use_cuda and cfg["sync_bn"]:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        raw_model = model
     if d.enabled:   # queues are identical on every rank already: no buffer broadcast
         model = DDP(model, device_ids=[d.local_rank] if use_cuda else None, broadcast_buffers=False)
     torch.manual_seed(cfg["seed"] * 1000 + d.rank + 1)   # per-rank stream for dropout / FAME permutations
@@ -167,6 +175,8 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
                 if finite:
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
+                    if hasattr(raw_model, "drop_frozen_grads"):   # multi-level: frozen prototypes / graph heads
+                        raw_model.drop_frozen_grads()
                     scaler.step(opt)
                     scaler.update()
                     bad_in_a_row = 0
