@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import timed_steps  # noqa: E402
+from benchmarks._common import timed_steps  # noqa: E402
 from model import build_objective  # noqa: E402
 
 

@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model import build_objective  # noqa: E402
 from pipeline import AugConfig, pretrain_loader  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.trainer import objective_kwargs  # noqa: E402
-from _common import timed_steps  # noqa: E402
+from benchmarks._common import timed_steps  # noqa: E402
 
 
 def main() -> None:
