@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import build_objective  # noqa: E402
-from pipeline import AugConfig, pretrain_loader  # noqa: E402
+from pipeline import pretrain_loader  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.trainer import objective_kwargs  # noqa: E402
+from train.trainer import aug_config, build_optimizer, objective_kwargs  # noqa: E402
 from benchmarks._common import timed_steps  # noqa: E402
 
 
@@ -35,9 +35,7 @@ def main() -> None:
     cuda = torch.cuda.is_available() and cfg["backend"] != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
     backend = "gpu" if cuda else "cpu"
-    aug = AugConfig(num_frames=cfg["frames"], stride=cfg["stride"], crop_size=cfg["crop"],
-                    crop_area=(cfg["min_area"], 1.0), frame0=cfg["frame0"])
-    loader = pretrain_loader(cfg["data"], cfg["objective"], batch_size=cfg["batch_size"], config=aug,
+    loader = pretrain_loader(cfg["data"], cfg["objective"], batch_size=cfg["batch_size"], config=aug_config(cfg),
                              seed=cfg["seed"], backend=backend, device_id=0 if cuda else None,
                              num_threads=cfg["num_threads"])
 
@@ -64,7 +62,7 @@ def main() -> None:
         if channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         model.train()
-        opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=1e-4, momentum=0.9)
+        opt = build_optimizer(cfg, [q for q in model.parameters() if q.requires_grad], lr=1e-4)
         results[name] = cfg["batch_size"] / timed_steps(model, opt, batches, a.steps, precision, device)
     loader.close()
     print(json.dumps({

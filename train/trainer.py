@@ -51,6 +51,18 @@ def objective_kwargs(cfg: dict) -> dict:
     return kw
 
 
+def aug_config(cfg: dict) -> AugConfig:
+    """The pipeline's augmentation settings for a run config."""
+    return AugConfig(num_frames=cfg["frames"], stride=cfg["stride"], crop_size=cfg["crop"],
+                     crop_area=(cfg["min_area"], 1.0), frame0=cfg["frame0"], per_frame_colour=cfg["per_frame_colour"])
+
+
+def build_optimizer(cfg: dict, params, lr: float) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "adam":   # L2-regularised Adam, as the multi-level reference (not AdamW)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"])
+    return torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float, decay_step: int | None = None) -> float:
     """Linear warm-up, then cosine to zero per step, or (decay_step given) constant then x0.1 from decay_step."""
     if step < warmup:
@@ -85,9 +97,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
         os.replace(tmp, out_dir / "config.yaml")
 
     # --- data ---------------------------------------------------------------------------------------------
-    aug = AugConfig(num_frames=cfg["frames"], stride=cfg["stride"], crop_size=cfg["crop"],
-                    crop_area=(cfg["min_area"], 1.0), frame0=cfg["frame0"], per_frame_colour=cfg["per_frame_colour"])
-    loader = pretrain_loader(cfg["data"], cfg["objective"], batch_size=cfg["batch_size"], config=aug,
+    loader = pretrain_loader(cfg["data"], cfg["objective"], batch_size=cfg["batch_size"], config=aug_config(cfg),
                              seed=cfg["seed"], rank=d.rank, world_size=d.world_size, backend=backend,
                              device_id=d.local_rank if backend == "gpu" else None, num_threads=cfg["num_threads"])
     steps_per_epoch = len(loader)
@@ -101,10 +111,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
         model = model.to(memory_format=torch.channels_last_3d)
     params = [p for p in model.parameters() if p.requires_grad]
     peak_lr = cfg["lr"] * global_batch / 64 if cfg["lr_scaling"] == "linear" else cfg["lr"]
-    if cfg["optimizer"] == "adam":
-        opt = torch.optim.Adam(params, lr=peak_lr, weight_decay=cfg["weight_decay"])
-    else:
-        opt = torch.optim.SGD(params, lr=peak_lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    opt = build_optimizer(cfg, params, peak_lr)
     decay_step = cfg["decay_epoch"] * steps_per_epoch if cfg["schedule"] == "step" else None
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg["precision"] == "fp16")
     amp = precision_context(cfg["precision"], d.device)
