@@ -1,0 +1,54 @@
+"""Every command ends here: results JSON (atomic), TensorBoard scalars, and a printed table."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _plain(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def write_results(out: Path, command: str, payload: dict, scalars: dict[str, float], rows: list[tuple[str, str]],
+                  title: str, step: int = 0) -> Path:
+    """out/results.json (payload + environment), TensorBoard scalars ``<command>/<name>`` at ``step`` in out/tb,
+    and the table ``rows`` printed under ``title``. Returns the JSON path."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "versions": {"python": platform.python_version(), "torch": torch.__version__}, **payload,
+               "scalars": scalars}
+    path = out / "results.json"
+    tmp = out / f".results.json.{os.getpid()}"
+    tmp.write_text(json.dumps(_plain(payload), indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(str(out / "tb")) as w:
+        for k, v in scalars.items():
+            if v is not None:
+                w.add_scalar(f"{command}/{k}", v, step)
+    width = max([len(r[0]) for r in rows] + [10])
+    print(f"\n{title}")
+    print("-" * (width + 14))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:>10}")
+    print("-" * (width + 14))
+    print(f"results: {path}   TensorBoard: {out / 'tb'}")
+    return path
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}"
