@@ -120,13 +120,8 @@ def run(ctx: Context) -> int:
         torch.manual_seed(s["seed"] * 1000 + d.rank + 1)              # per-rank dropout stream
 
     def save() -> None:
-        rngs = [None] * d.world_size
-        if d.enabled:
-            torch.distributed.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
         ckpts.save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "loader": loader.state_dict(),
-                    "rng": rngs, "step": step, "epoch": loader.epoch, "identity": identity, "history": history,
+                    "rng": D.gather_objects(rng_state(), d), "step": step, "epoch": loader.epoch, "identity": identity, "history": history,
                     "config": {**s, "backbone": ctx.info["backbone"], "num_classes": num_classes,
                                "classes": train_split.classes}}, step)
 

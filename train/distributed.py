@@ -64,6 +64,15 @@ def mean_over_ranks(values: dict[str, float], d: Dist) -> dict[str, float]:
     return {k: v / d.world_size for k, v in zip(keys, t.tolist())}
 
 
+def gather_objects(obj, d: Dist) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable Python objects, e.g. RNG states)."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

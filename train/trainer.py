@@ -147,13 +147,8 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
                 print(f"resumed from {path} at step {step} (epoch {loader.epoch}, batch {loader.step})")
 
     def save() -> None:
-        rngs = [None] * d.world_size
-        if d.enabled:
-            torch.distributed.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
         ckpts.save({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                    "loader": loader.state_dict(), "rng": rngs, "step": step, "config": cfg,
+                    "loader": loader.state_dict(), "rng": D.gather_objects(rng_state(), d), "step": step, "config": cfg,
                     "world_size": d.world_size}, step)
 
     # --- the loop -----------------------------------------------------------------------------------------
