@@ -49,18 +49,26 @@ def _normalise(x, scale: float, spec: Spec):
     return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="FHWC", mean=mean, std=std)
 
 
-@pipeline_def(enable_conditionals=True)
-def video_graph(spec: Spec, source, backend: str):
-    cfg, T, S = spec.cfg, spec.cfg.num_frames, spec.cfg.crop_size
+def feed_and_decode(spec: Spec, source, backend: str, meta_dtypes: dict):
+    """The external-source feed of `spec.feed_fields`, and one decode of every frame the views need
+    (None when a loader asked only for labels/indices). Returns (field -> DataNode, F x H x W x 3 video)."""
     dtypes = {"encoded": types.UINT8, "frames": types.INT32, "orders": types.INT32, "rois": types.FLOAT,
-              "colour": types.FLOAT, **META_DTYPES}
+              "colour": types.FLOAT, **meta_dtypes}
     fields = spec.feed_fields
     ext = fn.external_source(source=source, num_outputs=len(fields), batch=True, dtype=[dtypes[f] for f in fields])
     ext = list(ext) if isinstance(ext, (list, tuple)) else [ext]
     node = dict(zip(fields, ext))
-    if spec.views:   # (a loader asked only for labels/indices decodes nothing)
+    video = None
+    if spec.views:
         video = fn.decoders.video(node["encoded"], device=BACKENDS[backend], frames=node["frames"],
                                   pad_mode="edge")                                             # F x H x W x 3
+    return node, video
+
+
+@pipeline_def(enable_conditionals=True)
+def video_graph(spec: Spec, source, backend: str):
+    cfg, T, S = spec.cfg, spec.cfg.num_frames, spec.cfg.crop_size
+    node, video = feed_and_decode(spec, source, backend, META_DTYPES)
     orders, rois, colour = node.get("orders"), node.get("rois"), node.get("colour")
     slot = {k: i for i, k in enumerate(spec.colour_keys)}
     out = {}

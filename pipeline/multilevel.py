@@ -30,7 +30,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from pipeline import sampling
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, MULTILEVEL_OUTPUTS, AugConfig
-from pipeline.graph import BACKENDS, META_DTYPES, _colour, _normalise
+from pipeline.graph import META_DTYPES, _colour, _normalise, feed_and_decode
 from pipeline.shards import Sample
 from pipeline.views import Feed, Spec, View
 
@@ -154,15 +154,7 @@ def multilevel_graph(spec: Spec, source, backend: str):
     """pipeline.graph.video_graph for the multi-level feed: decode the needed frames once, then per clip
     rearrange -> crop/flip/resize -> colour -> normalise (clip_*) and / 255 (raw_*)."""
     cfg, S = spec.cfg, spec.cfg.crop_size
-    dtypes = {"encoded": types.UINT8, "frames": types.INT32, "orders": types.INT32, "rois": types.FLOAT,
-              "colour": types.FLOAT, **_DTYPES}
-    fields = spec.feed_fields
-    ext = fn.external_source(source=source, num_outputs=len(fields), batch=True, dtype=[dtypes[f] for f in fields])
-    ext = list(ext) if isinstance(ext, (list, tuple)) else [ext]
-    node = dict(zip(fields, ext))
-    if spec.views:
-        video = fn.decoders.video(node["encoded"], device=BACKENDS[backend], frames=node["frames"],
-                                  pad_mode="edge")                                             # F x H x W x 3
+    node, video = feed_and_decode(spec, source, backend, _DTYPES)
     orders, rois, colour = node.get("orders"), node.get("rois"), node.get("colour")
     slot = {k: i for i, k in enumerate(spec.colour_keys)}
     out = {}
