@@ -129,3 +129,16 @@ def extract_features(backbone: nn.Module, info: dict, split: Split, s: dict, rt:
             path.with_suffix(".json").write_text(json.dumps(desc, indent=1))
         return rows, {"cached": False, "path": str(path) if path else None, "key": key, **stats}
     return rows, {"cached": True, "path": str(path), "key": key}
+
+
+def extract_train_test(ctx) -> tuple[dict, dict]:
+    """Clip features of ctx's backbone on the train and test splits (from the cache when it holds them):
+    ({split: rows}, {split: how they were obtained}). Shared by the linear probe and retrieval."""
+    backbone = ctx.backbone.to(ctx.rt.d.device)
+    if ctx.rt.use_cuda:
+        backbone = backbone.to(memory_format=torch.channels_last_3d)
+    rows, how = {}, {}
+    for name in ("train", "test"):
+        rows[name], how[name] = extract_features(backbone, ctx.info, ctx.splits[name], ctx.settings, ctx.rt,
+                                                 ctx.cache_dir)
+    return rows, how

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from .context import Context
-from .features import extract_features
+from .features import extract_train_test
 from .protocols import parse_ints
 from .report import pct, write_results
 
@@ -69,13 +69,7 @@ def train_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, s: 
 def run(ctx: Context) -> int:
     s, rt = ctx.settings, ctx.rt
     num_classes = len(ctx.splits["train"].classes)
-    device = rt.d.device
-    backbone = ctx.backbone.to(device)
-    if rt.use_cuda:
-        backbone = backbone.to(memory_format=torch.channels_last_3d)
-    feats, how = {}, {}
-    for name in ("train", "test"):
-        feats[name], how[name] = extract_features(backbone, ctx.info, ctx.splits[name], s, rt, ctx.cache_dir)
+    feats, how = extract_train_test(ctx)
     if not rt.d.is_main:
         return 0
     t0 = time.perf_counter()

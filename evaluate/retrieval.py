@@ -11,19 +11,14 @@ import torch
 
 from . import metrics
 from .context import Context
-from .features import extract_features
+from .features import extract_train_test
 from .protocols import parse_ints
 from .report import pct, write_results
 
 
 def run(ctx: Context) -> int:
     s, rt = ctx.settings, ctx.rt
-    backbone = ctx.backbone.to(rt.d.device)
-    if rt.use_cuda:
-        backbone = backbone.to(memory_format=torch.channels_last_3d)
-    rows, how = {}, {}
-    for name in ("train", "test"):
-        rows[name], how[name] = extract_features(backbone, ctx.info, ctx.splits[name], s, rt, ctx.cache_dir)
+    rows, how = extract_train_test(ctx)
     if not rt.d.is_main:
         return 0
     ks = parse_ints(s["ks"])

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from preprocess.cli import main as preprocess_main
 from preprocess.sample_videos import make_sample_videos
@@ -49,3 +50,13 @@ def ucf_shards(tmp_path_factory, ucf_mini) -> Path:
     rc = preprocess_main([str(ucf_mini), str(out), "--format", "ucf101", "--shard-size-mb", "8", "--no-progress"])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Toy sizes: one intra-op thread is as fast and does not thrash on a shared machine.
+    Opt in per module with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,13 +16,7 @@ from model.multilevel_losses import (gather, graph_loss, graph_target, info_nce,
 TAU = 0.07
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy sizes: one intra-op thread is as fast and does not thrash on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: toy sizes run single-threaded
 
 
 def unit(*shape, gen):

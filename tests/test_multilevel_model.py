@@ -16,13 +16,7 @@ TINY = {"widths": (8, 16, 32, 64)}  # ME reduction 16 -> 1 and 2 channels at low
 CLIPS = ("clip_a", "clip_b", "clip_g")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy sizes: one intra-op thread is as fast and does not thrash on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: toy sizes run single-threaded
 
 
 def make_batch(B=2, T=16, S=32, seed=0):
