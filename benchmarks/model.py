@@ -1,8 +1,9 @@
-"""Benchmark the objectives on synthetic tensors: training-step videos/s of MoCo, FAME and FIMA, fp32 vs
-bf16 autocast + channels_last_3d (+ torch.compile of the backbones with --compile), in one run, as ratios.
+"""Benchmark the objectives on synthetic tensors: training-step videos/s of MoCo, FAME, FIMA (on --backbone) and
+the multi-level model (on its R3D-18 variant, every loss term on: past `split` and the prototype-queue start),
+fp32 vs bf16 autocast + channels_last_3d (+ torch.compile of the backbones with --compile), in one run, as ratios.
 
-    python benchmarks/model.py                       # CPU: a small size (I3D 16x64^2, batch 2)
-    python benchmarks/model.py --crop 224 --batch 8  # on a GPU: the paper size
+    python benchmarks/model.py                                     # CPU: a small size (16x64^2, batch 2)
+    python benchmarks/model.py --crop 224 --ml-crop 112 --batch 8  # on a GPU: the papers' sizes
 """
 from __future__ import annotations
 
@@ -42,25 +43,35 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--queue", type=int, default=4096)
+    p.add_argument("--ml-crop", type=int, default=None, help="multi-level clips' crop (default --crop; paper: 112)")
+    p.add_argument("--objectives", default="moco,fame,fima,multilevel", help="comma-separated objectives to time")
     p.add_argument("--compile", action="store_true", help="also time bf16 + channels_last_3d + torch.compile")
     a = p.parse_args()
+    ml_crop = a.ml_crop or a.crop
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = {"benchmark": "model", "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-           "backbone": a.backbone, "clip": f"{a.frames}x{a.crop}x{a.crop}", "batch": a.batch}
+           "backbone": a.backbone, "clip": f"{a.frames}x{a.crop}x{a.crop}", "batch": a.batch,
+           "multilevel_clip": f"{a.frames}x{ml_crop}x{ml_crop} (clips A, B, G; r3d18_ml)"}
     variants = [("fp32", "fp32", False, False), ("bf16_cl3d", "bf16", True, False)]
     if a.compile:
         variants.append(("bf16_cl3d_compile", "bf16", True, True))
-    for name in ("moco", "fame", "fima"):
+    for name in a.objectives.split(","):
         speeds = {}
         for vname, precision, cl, comp in variants:
             torch.manual_seed(0)
-            model = build_objective(name, backbone=a.backbone, K=a.queue).to(device).train()
+            if name == "multilevel":   # the heaviest step: graph heads (epoch >= split) and the prototype queue on
+                model = build_objective(name, backbone="r3d18_ml").to(device).train()
+                model.set_epoch(max(model.split, model.queue_start))
+            else:
+                model = build_objective(name, backbone=a.backbone, K=a.queue).to(device).train()
             if cl:
                 model = model.to(memory_format=torch.channels_last_3d)
             if comp:
                 model.encoder_q.compile()
-                model.encoder_k.compile()
-            batch = synthetic_batch(model.required_inputs, a.batch, a.frames, a.crop, device)
+                if hasattr(model, "encoder_k"):          # the multi-level model has no key encoder
+                    model.encoder_k.compile()
+            crop = ml_crop if name == "multilevel" else a.crop
+            batch = synthetic_batch(model.required_inputs, a.batch, a.frames, crop, device)
             if cl:
                 batch = {k: v.contiguous(memory_format=torch.channels_last_3d) if v.dim() == 5 else v
                          for k, v in batch.items()}

@@ -12,6 +12,8 @@ COMMANDS = {
     "linear": "linear probe on frozen, cached clip features; top-1/top-5 with the same test protocol",
     "retrieval": "nearest-neighbour retrieval, test videos query the train gallery; Recall@1/5/10/20/50",
     "cam": "class-agnostic activation maps overlaid on frames: PNG grids and MP4/GIF for a list of videos",
+    "temporal": "temporal-order accuracy (forward vs time-reversed clips, bias-free linear head on frozen pooled "
+                "features) and that head's maps overlaid on frames",
 }
 
 EXAMPLES = """examples:
@@ -20,6 +22,7 @@ EXAMPLES = """examples:
   python -m evaluate finetune  --checkpoint CKPT --data shards/hmdb51 --protocol coclr
   torchrun --nproc-per-node=8 -m evaluate finetune --checkpoint CKPT --data shards/ucf101
   python -m evaluate cam       --checkpoint CKPT --data shards/ucf101 --videos 0 17 v_Archery_g01_c01
+  python -m evaluate temporal  --checkpoint runs/multilevel --data shards/ucf101 --protocol coclr
   python -m evaluate linear    --random-init --backbone i3d --data shards/ucf101     # the random-init baseline
   python -m evaluate finetune  --checkpoint CKPT --data OUT --epochs 2 --batch-size 4 --crop 48 --test-clips 2
                                                     # a CPU smoke run: every value of the preset can be overridden
@@ -63,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--test", metavar="DIR", help="test shard set (instead of --data)")
         g.add_argument("--out", metavar="DIR", type=Path, help="results folder (default: RUN/eval/<dataset>-<command> "
                        "next to the checkpoint's run folder, or runs/eval-random-<backbone>/<dataset>-<command>)")
-        if cmd in ("linear", "retrieval"):
+        if cmd in ("linear", "retrieval", "temporal"):
             g.add_argument("--cache-dir", metavar="DIR", type=Path, help="feature cache (default $EVAL_CACHE or "
                            "~/.cache/motionpretrain/eval-features); keyed by weights, data and sampling settings, "
                            "shared by linear and retrieval")
@@ -78,14 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         if cmd == "finetune":
             g.add_argument("--resume", default="auto", help="auto: continue from the newest checkpoint in OUT_DIR/"
                            "checkpoints (if its settings match); none: start fresh; or a checkpoint path")
-        if cmd == "cam":
+        if cmd in ("cam", "temporal"):
             g = sp.add_argument_group("activation maps")
             g.add_argument("--split", default="test", choices=("train", "test"), help="which shard set the videos "
-                           "come from (default test; it may be unlabelled)")
+                           "come from (default test; for cam it may be unlabelled)")
             g.add_argument("--videos", nargs="+", metavar="KEY|INDEX", help="videos by sample index or key (or a "
                            "unique key prefix); default: the first video of each class, up to 8")
-            g.add_argument("--map", default="mean", choices=("mean", "norm"),
-                           help="channel mean (default) or channel L2 norm of the last feature map")
+            if cmd == "cam":
+                g.add_argument("--map", default="mean", choices=("mean", "norm"),
+                               help="channel mean (default) or channel L2 norm of the last feature map")
+            else:
+                g.add_argument("--map-clips", type=int, default=1, help="uniformly spaced clips drawn per video "
+                               "(default 1: the middle window); the accuracy uses --test-clips")
             g.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the heat map (default 0.5)")
             g.add_argument("--grid-frames", type=int, default=8, help="frames per row in the PNG grid (default 8)")
             g.add_argument("--tile", type=int, default=None,
@@ -125,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     need = (args.split,) if cmd == "cam" else ("train", "test")
     dirs = resolve_dirs(args.data, args.train if cmd != "cam" or args.split == "train" else None,
                         args.test if cmd != "cam" or args.split == "test" else None, need)
-    splits = open_splits(dirs, labelled=cmd != "cam")          # cheap checks first: shards, labels, classes
+    splits = open_splits(dirs, labelled=cmd not in ("cam", "temporal"))   # cheap checks first: shards, labels, classes
     backbone, info = load_backbone(args.checkpoint, args.backbone, args.random_init, args.seed)
     dataset = next(iter(splits.values())).dataset
     flags = {k: getattr(args, k) for k in KEYS if hasattr(args, k)}
@@ -133,10 +140,10 @@ def run(args: argparse.Namespace) -> int:
     s |= {"protocol": args.protocol, "seed": args.seed}
     rt = make_runtime(args.backend, args.precision, args.num_threads, not args.no_progress)
     cache = None
-    if cmd in ("linear", "retrieval") and not args.no_cache:
+    if cmd in ("linear", "retrieval", "temporal") and not args.no_cache:
         cache = args.cache_dir or DEFAULT_CACHE
-    extra = {k: getattr(args, k) for k in ("resume", "split", "videos", "map", "alpha", "grid_frames", "tile", "movie",
-                                           "fps") if hasattr(args, k)}
+    extra = {k: getattr(args, k) for k in ("resume", "split", "videos", "map", "map_clips", "alpha", "grid_frames", "tile",
+                                           "movie", "fps") if hasattr(args, k)}
     ctx = Context(cmd, s, backbone, info, splits, rt, args.out or default_out(info, cmd, dataset), cache, extra)
     if rt.d.is_main:
         shown = {k: v for k, v in s.items() if k in KEYS or k in ("protocol", "seed")}

@@ -30,12 +30,21 @@ from .context import Runtime
 from .data import Split, test_config
 
 FEATURE_VERSION = "pooled-mean-v1"     # bump when what a cached feature means changes
+# what a cached row holds: the pooled clip feature [C], or (temporal) the forward and time-reversed clip's [2C]
+FEATURE_KINDS = ("pooled", "pooled-forward-reversed")
 DEFAULT_CACHE = Path(os.environ.get("EVAL_CACHE", Path.home() / ".cache" / "motionpretrain" / "eval-features"))
 
 
-def pooled(backbone: nn.Module):
-    """Clip batch [B,3,T,S,S] -> pooled last feature map [B, C] (global average over T', H', W')."""
-    return lambda video: backbone(video).float().mean(dim=(2, 3, 4))
+def pooled(backbone: nn.Module, kind: str = "pooled"):
+    """Clip batch [B,3,T,S,S] -> pooled last feature map [B, C] (global average over T', H', W'); for
+    "pooled-forward-reversed" [B, 2C]: the clip's, then the same clip played backwards (time flipped)."""
+    def forward(video):
+        return backbone(video).float().mean(dim=(2, 3, 4))
+    if kind == "pooled":
+        return forward
+    if kind == "pooled-forward-reversed":
+        return lambda video: torch.cat([forward(video), forward(video.flip(2))], dim=1)
+    raise ValueError(f"unknown feature kind {kind!r}; choose from {FEATURE_KINDS}")
 
 
 def test_loop(fn, split: Split, s: dict, rt: Runtime, desc: str = "test") -> tuple[dict[str, torch.Tensor], dict]:
@@ -95,8 +104,9 @@ def frozen(backbone: nn.Module):
     assert not backbone.training, "the frozen backbone left eval mode"
 
 
-def cache_key(info: dict, split: Split, s: dict, precision: str) -> tuple[str, dict]:
-    desc = {"feature": FEATURE_VERSION, "backbone": info["backbone"], "weights_sha256": info["sha256"],
+def cache_key(info: dict, split: Split, s: dict, precision: str, kind: str = "pooled") -> tuple[str, dict]:
+    feature = FEATURE_VERSION if kind == "pooled" else f"{FEATURE_VERSION}+{kind}"   # old cache keys stay valid
+    desc = {"feature": feature, "backbone": info["backbone"], "weights_sha256": info["sha256"],
             "manifest_sha256": split.manifest_sha, "split": split.name, "precision": precision,
             "sampling": test_config(s).to_dict() | {"color_aug": False}}
     desc = json.loads(json.dumps(desc))             # plain JSON values (tuples become lists), as stored
@@ -105,10 +115,11 @@ def cache_key(info: dict, split: Split, s: dict, precision: str) -> tuple[str, d
 
 
 def extract_features(backbone: nn.Module, info: dict, split: Split, s: dict, rt: Runtime,
-                     cache_dir: Path | None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Pooled clip features of ``split`` under the test protocol, from the cache when it holds them.
-    Returns (rows as test_loop's, {"cached": bool, "path", "key", and test_loop's timing when extracted})."""
-    key, desc = cache_key(info, split, s, rt.precision)
+                     cache_dir: Path | None, kind: str = "pooled") -> tuple[dict[str, torch.Tensor], dict]:
+    """Pooled clip features (``kind``, see ``pooled``) of ``split`` under the test protocol, from the cache when
+    it holds them. Returns (rows as test_loop's, {"cached": bool, "path", "key", and test_loop's timing when
+    extracted})."""
+    key, desc = cache_key(info, split, s, rt.precision, kind)
     path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
     rows = None
     if path is not None and path.is_file():
@@ -120,7 +131,7 @@ def extract_features(backbone: nn.Module, info: dict, split: Split, s: dict, rt:
             print(f"warning: ignoring unreadable feature cache {path} ({type(e).__name__}: {str(e)[:100]})")
     if D.any_rank(rows is None, rt.d):   # every rank takes part in the extraction, or none does
         with frozen(backbone):
-            rows, stats = test_loop(pooled(backbone), split, s, rt, desc="features")
+            rows, stats = test_loop(pooled(backbone, kind), split, s, rt, desc="features")
         if path is not None and rt.d.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -131,14 +142,14 @@ def extract_features(backbone: nn.Module, info: dict, split: Split, s: dict, rt:
     return rows, {"cached": True, "path": str(path), "key": key}
 
 
-def extract_train_test(ctx) -> tuple[dict, dict]:
+def extract_train_test(ctx, kind: str = "pooled") -> tuple[dict, dict]:
     """Clip features of ctx's backbone on the train and test splits (from the cache when it holds them):
-    ({split: rows}, {split: how they were obtained}). Shared by the linear probe and retrieval."""
+    ({split: rows}, {split: how they were obtained}). Shared by the linear probe, retrieval and temporal."""
     backbone = ctx.backbone.to(ctx.rt.d.device)
     if ctx.rt.use_cuda:
         backbone = backbone.to(memory_format=torch.channels_last_3d)
     rows, how = {}, {}
     for name in ("train", "test"):
         rows[name], how[name] = extract_features(backbone, ctx.info, ctx.splits[name], ctx.settings, ctx.rt,
-                                                 ctx.cache_dir)
+                                                 ctx.cache_dir, kind)
     return rows, how

@@ -7,8 +7,9 @@ compares the recipes; what our pipeline cannot reproduce exactly is said in each
 from __future__ import annotations
 
 # key: (type, help, commands it applies to). Every key is a --flag (underscores become dashes).
-ALL = ("finetune", "linear", "retrieval", "cam")
-FEAT = ("finetune", "linear", "retrieval")
+ALL = ("finetune", "linear", "retrieval", "cam", "temporal")
+FEAT = ("finetune", "linear", "retrieval", "temporal")
+TRAINED = ("finetune", "linear", "temporal")           # commands that train something (a model, a probe, a head)
 KEYS: dict[str, tuple[type, str, tuple[str, ...]]] = {
     # sampling (all commands)
     "frames": (int, "frames per clip (T); default: the checkpoint's pretraining value", ALL),
@@ -23,27 +24,31 @@ KEYS: dict[str, tuple[type, str, tuple[str, ...]]] = {
     "average": (str, "per-video test score: softmax (mean of per-clip softmax) or logits (mean logits, FAME/FIMA code)",
                 ("finetune", "linear")),
     # optimisation (fine-tune and linear probe)
-    "optimizer": (str, "sgd or adam", ("finetune",)),
-    "lr": (float, "learning rate (fine-tune SGD: for a global batch of lr_batch, scaled linearly)", ("finetune", "linear")),
+    "optimizer": (str, "sgd or adam", ("finetune", "temporal")),
+    "lr": (float, "learning rate (fine-tune SGD: for a global batch of lr_batch, scaled linearly)", TRAINED),
     "lr_batch": (int, "the global batch the fine-tune lr is given for (0: no scaling)", ("finetune",)),
     "backbone_lr_mult": (float, "backbone lr = lr * this (CoCLR: 0.1)", ("finetune",)),
-    "momentum": (float, "SGD momentum", ("finetune", "linear")),
-    "weight_decay": (float, "weight decay", ("finetune", "linear")),
-    "epochs": (int, "training epochs (the result is the last epoch's, never the best test epoch)", ("finetune", "linear")),
-    "milestones": (str, "comma-separated epochs at which the lr is multiplied by lr_decay (e.g. 60,120)",
-                   ("finetune", "linear")),
-    "lr_decay": (float, "lr factor at each milestone", ("finetune", "linear")),
+    "momentum": (float, "SGD momentum", TRAINED),
+    "weight_decay": (float, "weight decay", TRAINED),
+    "epochs": (int, "training epochs (the result is the last epoch's, never the best test epoch)", TRAINED),
+    "milestones": (str, "comma-separated epochs at which the lr is multiplied by lr_decay (e.g. 60,120)", TRAINED),
+    "lr_decay": (float, "lr factor at each milestone", TRAINED),
     "dropout": (float, "dropout before the classifier; default by dataset: ucf101 0.7, hmdb51 0.5, others 0.5",
                 ("finetune",)),
     "min_area": (float, "training random-resized-crop: smallest area fraction", ("finetune",)),
     "grayscale_p": (float, "training colour augmentation: grayscale probability", ("finetune",)),
     "jitter_p": (float, "training colour augmentation: colour jitter probability (0: none)", ("finetune",)),
     "eval_every": (int, "also test every N epochs, for TensorBoard only (0: only after the last epoch)", ("finetune",)),
-    "probe_batch": (int, "linear probe: cached clip features per step", ("linear",)),
+    "probe_batch": (int, "linear probe / temporal head: cached clip features per step", ("linear", "temporal")),
     "center": (str, "retrieval: subtract each split's mean feature before cosine similarity (yes/no); both are "
                     "reported, this picks the headline", ("retrieval",)),
     "ks": (str, "retrieval: comma-separated k of Recall@k", ("retrieval",)),
 }
+
+# the multi-level paper's temporal-order head (visualization/main_temporal.py): bias-free Linear(C, 2) on pooled
+# last-layer features, Adam 1e-3, wd 1e-3, 50 epochs, x0.1 at 30, batch 256; the same under both presets
+TEMPORAL = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-3, "epochs": 50, "milestones": "30",
+            "lr_decay": 0.1, "probe_batch": 256, "test_clips": 4, "test_crops": 1}
 
 FIMA = {
     "note": "FAME/FIMA eval.py: SGD lr 0.01 at batch 16, wd 1e-4, 150 epochs, x0.1 at 60 and 120, dropout 0.7 UCF101 / "
@@ -58,6 +63,7 @@ FIMA = {
                "probe_batch": 256},
     "retrieval": {"center": "no", "ks": "1,5,10,20,50"},
     "cam": {"test_clips": 1},
+    "temporal": TEMPORAL,
 }
 
 COCLR = {
@@ -74,6 +80,7 @@ COCLR = {
                "probe_batch": 1024},
     "retrieval": {"center": "yes", "ks": "1,5,10,20,50"},
     "cam": {"test_clips": 1, "test_crops": 1},
+    "temporal": TEMPORAL,
 }
 
 PRESETS = {"fima": FIMA, "coclr": COCLR}

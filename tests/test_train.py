@@ -166,3 +166,39 @@ def test_multilevel_objective_trains_and_resumes_through_the_trainer(data, tmp_p
     assert all(x["metric/graph_on"] == 1.0 and x["loss/loss_graph_high"] > 0 for x in logged)
     state = final_state(tmp_path)
     assert state["step"] == 3 and any("proto" in k and "queue" in k for k in state["model"])
+
+
+def test_multilevel_two_process_ddp_across_split_resumes_from_sigterm(data, tmp_path):
+    """torchrun, 2 gloo ranks x 2 videos (6 steps per epoch), graph constraint from epoch 1 (step 7): a run cut by
+    SIGTERM (sent to torchrun, as a scheduler does) and resumed ends with the uninterrupted run's exact tensors."""
+    common = [*TINY, f"data={data}", "objective=multilevel", "backbone=r3d18_ml", "crop=32", "batch_size=2",
+              "optimizer=adam", "lr=0.001", "lr_scaling=none", "schedule=step", "decay_epoch=1", "split=1",
+              "cluster=8", "proto_queue=8", "proto_queue_start=1", "max_steps=8", "ckpt_every=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train",
+                "--no-progress", *common]
+    ref = subprocess.run([*torchrun, f"out_dir={tmp_path / 'ref'}"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    logged = losses(tmp_path / "ref")
+    assert [x["metric/graph_on"] for x in logged] == [0.0] * 6 + [1.0] * 2      # the split boundary is crossed
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([*torchrun, f"out_dir={out}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and
+                                          len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)                     # torchrun forwards it to both workers
+    _, err = proc.communicate(timeout=300)
+    cut_at = final_state(out)["step"]
+    assert 3 <= cut_at < 8, (cut_at, err[-2000:])
+    resumed = subprocess.run([*torchrun, f"out_dir={out}"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {cut_at}" in resumed.stdout
+
+    a, b = final_state(tmp_path / "ref"), final_state(out)
+    assert a["step"] == b["step"] == 8 and a["model"].keys() == b["model"].keys()
+    for k in a["model"]:                                 # parameters, BN statistics, prototypes, prototype queue
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert any("proto" in k and "queue" in k for k in a["model"])
