@@ -124,6 +124,56 @@ def write_movie(path: Path, frames: np.ndarray, overlays: np.ndarray, tile: int,
         raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace')[-400:]}")
 
 
+def video_clips(ctx: Context, split: Split, indices: list[int], clips: int):
+    """For each selected video, its ``clips`` test-sampling clips (uniform windows x centre crop), in one process:
+    yields (index, batch dict, frames float32 [N,T,S,S,3] in [0,1], de-normalised for display)."""
+    rt = ctx.rt
+    cfg = test_config({**ctx.settings, "test_clips": clips, "test_crops": 1})
+    mean = torch.tensor(cfg.mean).view(1, 1, 1, 1, 3)
+    std = torch.tensor(cfg.std).view(1, 1, 1, 1, 3)
+    # test mode, batch = the clips of one video: batch i is exactly video i
+    loader = eval_loader(split.dir, "test", batch_size=clips, config=cfg, outputs=("video", "label", "index", "start"),
+                         backend=rt.backend, device_id=rt.d.local_rank if rt.backend == "gpu" else None,
+                         num_threads=rt.num_threads)
+    try:
+        for idx in indices:
+            if (loader.epoch, loader.step) != (0, idx):
+                loader.load_state_dict({"epoch": 0, "step": idx})
+            batch = next(iter(loader))
+            assert batch["index"].tolist() == [idx] * clips, batch["index"]
+            frames = (batch["video"].float().cpu().permute(0, 2, 3, 4, 1) * std + mean).clamp(0, 1)
+            yield idx, batch, frames.numpy()
+    finally:
+        loader.close()
+
+
+def save_pictures(ctx: Context, split: Split, idx: int, frames: np.ndarray, overlays: np.ndarray) -> dict:
+    """frames/overlays float [N,T,S,S,3] in [0,1] -> ``<index>-<key>.png`` grid and movie in ctx.out, as
+    {"key", "png", "png_size", "movie"?}."""
+    extra = ctx.extra
+    tile = extra.get("tile") or max(ctx.settings["crop"], 112)     # small crops are upscaled for viewing
+    f8, o8 = np.round(frames * 255).astype(np.uint8), np.round(overlays * 255).astype(np.uint8)
+    key = split.shards.key(idx) or f"sample{idx}"
+    stem = f"{idx:05d}-{key}"
+    png = ctx.out / f"{stem}.png"
+    size = write_grid(png, f8, o8, extra.get("grid_frames", 8), tile)
+    files = {"key": key, "png": str(png), "png_size": list(size)}
+    if extra.get("movie", "mp4") != "none":
+        movie = ctx.out / f"{stem}.{extra.get('movie', 'mp4')}"
+        write_movie(movie, f8, o8, tile, extra.get("fps", 8))
+        files["movie"] = str(movie)
+    return files
+
+
+def add_images(ctx: Context, videos: list[dict], tag: str) -> None:
+    """Every video's PNG grid into TensorBoard."""
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(str(ctx.out / "tb")) as w:
+        for v in videos:
+            image = np.asarray(Image.open(v["png"]).convert("RGB"))
+            w.add_image(f"{tag}/{v['index']:05d}-{v['key']}", image, 0, dataformats="HWC")
+
+
 def run(ctx: Context) -> int:
     s, rt, extra = ctx.settings, ctx.rt, ctx.extra
     if not rt.d.is_main:          # a handful of videos: rank 0 does it alone
@@ -131,56 +181,24 @@ def run(ctx: Context) -> int:
     split = ctx.splits[extra["split"]]
     indices = select_videos(split, extra.get("videos") or [])
     clips = s["test_clips"]
-    cfg = test_config({**s, "test_crops": 1})
     backbone = ctx.backbone.to(rt.d.device).eval()
-    mean = torch.tensor(cfg.mean).view(1, 1, 1, 1, 3)
-    std = torch.tensor(cfg.std).view(1, 1, 1, 1, 3)
-    tile = extra.get("tile") or max(s["crop"], 112)             # small crops are upscaled for viewing
     ctx.out.mkdir(parents=True, exist_ok=True)
-    # test mode, one process, batch = the clips of one video: batch i is exactly video i
-    loader = eval_loader(split.dir, "test", batch_size=clips, config=cfg, outputs=("video", "label", "index", "start"),
-                         backend=rt.backend, device_id=rt.d.local_rank if rt.backend == "gpu" else None,
-                         num_threads=rt.num_threads)
-    videos, grids = [], []
-    try:
-        for idx in indices:
-            if (loader.epoch, loader.step) != (0, idx):
-                loader.load_state_dict({"epoch": 0, "step": idx})
-            batch = next(iter(loader))
-            assert batch["index"].tolist() == [idx] * clips, batch["index"]
-            with torch.no_grad(), rt.amp():
-                maps = activation_maps(backbone, batch["video"], extra.get("map", "mean")).float().cpu()   # N,T,S,S
-            frames = (batch["video"].float().cpu().permute(0, 2, 3, 4, 1) * std + mean).clamp(0, 1)  # N,T,S,S,3
-            frames, maps = frames.numpy(), maps.numpy()
-            alpha = extra.get("alpha", 0.5)
-            overlay = (1 - alpha) * frames + alpha * jet(maps)
-            f8, o8 = (np.round(frames * 255).astype(np.uint8), np.round(overlay * 255).astype(np.uint8))
-            key = split.shards.key(idx) or f"sample{idx}"
-            stem = f"{idx:05d}-{key}"
-            png = ctx.out / f"{stem}.png"
-            size = write_grid(png, f8, o8, extra.get("grid_frames", 8), tile)
-            files = {"png": str(png)}
-            if extra.get("movie", "mp4") != "none":
-                movie = ctx.out / f"{stem}.{extra.get('movie', 'mp4')}"
-                write_movie(movie, f8, o8, tile, extra.get("fps", 8))
-                files["movie"] = str(movie)
-            focus = [motion_focus(frames[c], maps[c]) for c in range(clips)]
-            valid = [f for f in focus if f is not None]
-            label = int(batch["label"][0])
-            videos.append({"index": idx, "key": key, "label": label,
-                           "class": split.classes[label] if 0 <= label < len(split.classes) else None,
-                           "starts": batch["start"].tolist(), "png_size": list(size), **files,
-                           "motion_focus": float(np.mean(valid)) if valid else None, "motion_focus_per_clip": focus})
-            grids.append(png)
-    finally:
-        loader.close()
+    alpha = extra.get("alpha", 0.5)
+    videos = []
+    for idx, batch, frames in video_clips(ctx, split, indices, clips):
+        with torch.no_grad(), rt.amp():
+            maps = activation_maps(backbone, batch["video"], extra.get("map", "mean")).float().cpu().numpy()  # N,T,S,S
+        files = save_pictures(ctx, split, idx, frames, (1 - alpha) * frames + alpha * jet(maps))
+        focus = [motion_focus(frames[c], maps[c]) for c in range(clips)]
+        valid = [f for f in focus if f is not None]
+        label = int(batch["label"][0])
+        videos.append({"index": idx, "label": label,
+                       "class": split.classes[label] if 0 <= label < len(split.classes) else None,
+                       "starts": batch["start"].tolist(), **files,
+                       "motion_focus": float(np.mean(valid)) if valid else None, "motion_focus_per_clip": focus})
+    add_images(ctx, videos, "cam")
 
     focus = [v["motion_focus"] for v in videos if v["motion_focus"] is not None]
-    from torch.utils.tensorboard import SummaryWriter
-    with SummaryWriter(str(ctx.out / "tb")) as w:
-        for v, png in zip(videos, grids):
-            image = np.asarray(Image.open(png).convert("RGB"))
-            w.add_image(f"cam/{v['index']:05d}-{v['key']}", image, 0, dataformats="HWC")
     result = {"videos": videos, "map": extra.get("map", "mean"), "clips_per_video": clips, "split": split.name,
               "motion_focus_mean": float(np.mean(focus)) if focus else None, "out_dir": str(ctx.out)}
     rows = [(f"{v['index']} {v['key'][:28]} ({v['class']})", "n/a" if v["motion_focus"] is None

@@ -31,26 +31,24 @@ class LinearProbe(nn.Module):
         return self.fc(self.bn(F.normalize(x, dim=1)))
 
 
-def train_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, s: dict, seed: int,
-                log=None) -> LinearProbe:
-    """SGD on cached features, step lr decay per epoch; deterministic for given features and seed."""
-    torch.manual_seed(seed)
-    head = LinearProbe(feats.shape[1], num_classes)
-    trainable = [n for n, p in head.named_parameters() if p.requires_grad]
-    assert trainable == ["fc.weight", "fc.bias"], f"only the linear layer may train, found {trainable}"
-    opt = torch.optim.SGD(head.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+def fit_on_features(head: nn.Module, opt: torch.optim.Optimizer, feats: torch.Tensor, labels: torch.Tensor, s: dict,
+                    seed: int, log=None, prefix: str = "probe", full_batches: bool = True) -> nn.Module:
+    """Cross-entropy training of ``head`` on cached features: ``s["epochs"]`` epochs of batches of
+    ``s["probe_batch"]`` in a seeded permutation per epoch, lr x ``lr_decay`` at each of ``milestones``.
+    ``full_batches``: drop the last partial batch (BatchNorm needs more than one sample). Deterministic for given
+    features and seed; logs ``<prefix>/loss``, ``<prefix>/train_clip_top1`` and ``<prefix>/lr`` per epoch."""
     milestones = parse_ints(s["milestones"])
     g = torch.Generator().manual_seed(seed)
     n, bs = len(feats), min(s["probe_batch"], len(feats))
+    starts = range(0, max(n - bs, 0) + 1, bs) if full_batches else range(0, n, bs)
     head.train()
     for epoch in range(s["epochs"]):
         lr = s["lr"] * s["lr_decay"] ** sum(epoch >= m for m in milestones)
         for group in opt.param_groups:
             group["lr"] = lr
         perm = torch.randperm(n, generator=g)
-        total, correct = 0.0, 0
-        # full batches only (BatchNorm needs more than one sample); the permutation changes every epoch
-        for i in range(0, max(n - bs, 0) + 1, bs):
+        total, correct, seen = 0.0, 0, 0
+        for i in starts:
             idx = perm[i:i + bs]
             logits = head(feats[idx])
             loss = F.cross_entropy(logits, labels[idx])
@@ -59,11 +57,22 @@ def train_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, s: 
             opt.step()
             total += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == labels[idx]).sum())
+            seen += len(idx)
         if log is not None:
-            seen = (max(n - bs, 0) // bs + 1) * bs
-            log(epoch + 1, {"probe/loss": total / seen, "probe/train_clip_top1": correct / seen, "probe/lr": lr})
-    head.eval()
-    return head
+            log(epoch + 1, {f"{prefix}/loss": total / seen, f"{prefix}/train_clip_top1": correct / seen,
+                            f"{prefix}/lr": lr})
+    return head.eval()
+
+
+def train_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, s: dict, seed: int,
+                log=None) -> LinearProbe:
+    """SGD on cached features, step lr decay per epoch; deterministic for given features and seed."""
+    torch.manual_seed(seed)
+    head = LinearProbe(feats.shape[1], num_classes)
+    trainable = [n for n, p in head.named_parameters() if p.requires_grad]
+    assert trainable == ["fc.weight", "fc.bias"], f"only the linear layer may train, found {trainable}"
+    opt = torch.optim.SGD(head.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+    return fit_on_features(head, opt, feats, labels, s, seed, log)
 
 
 def run(ctx: Context) -> int:
@@ -101,7 +110,7 @@ def run(ctx: Context) -> int:
         scalars["extract_videos_per_s"] = sum(h["videos_per_s"] for h in extraction) / len(extraction)
     cached = ", ".join(f"{n} {'cached' if h['cached'] else 'extracted'}" for n, h in how.items())
     rows = [("top-1 (%)", pct(top[1])), ("top-5 (%)", pct(top[5])),
-            (f"single-clip top-1 (%)", pct(clip_top1)), ("train top-1 (%)", pct(train_top1)),
+            ("single-clip top-1 (%)", pct(clip_top1)), ("train top-1 (%)", pct(train_top1)),
             ("test videos", str(len(videos))), ("clips per video", str(per_video)),
             ("probe training (s)", f"{train_seconds:.1f}")]
     title = (f"linear probe: {ctx.info['backbone']} {ctx.info['source']} "

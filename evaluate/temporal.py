@@ -28,16 +28,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-
-from pipeline import eval_loader
 
 from . import metrics
-from .cam import jet, motion_focus, select_videos, write_grid, write_movie
+from .backbone import EvalError
+from .cam import add_images, jet, motion_focus, save_pictures, select_videos, video_clips
 from .context import Context
-from .data import test_config
 from .features import extract_train_test
-from .protocols import parse_ints
+from .linear import fit_on_features
 from .report import pct, write_results
 
 FORWARD, REVERSED = 0, 1
@@ -59,27 +56,7 @@ def train_head(x: torch.Tensor, y: torch.Tensor, s: dict, seed: int, log=None) -
         opt = torch.optim.Adam(head.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
     else:
         opt = torch.optim.SGD(head.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
-    milestones = parse_ints(s["milestones"])
-    g = torch.Generator().manual_seed(seed)
-    n, bs = len(x), min(s["probe_batch"], len(x))
-    for epoch in range(s["epochs"]):
-        lr = s["lr"] * s["lr_decay"] ** sum(epoch >= m for m in milestones)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        perm = torch.randperm(n, generator=g)
-        total, correct = 0.0, 0
-        for i in range(0, n, bs):
-            idx = perm[i:i + bs]
-            logits = head(x[idx])
-            loss = F.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y[idx]).sum())
-        if log is not None:
-            log(epoch + 1, {"temporal/loss": total / n, "temporal/train_accuracy": correct / n, "temporal/lr": lr})
-    return head.eval()
+    return fit_on_features(head, opt, x, y, s, seed, log, prefix="temporal", full_batches=False)
 
 
 def position_logits(fmap: torch.Tensor, head: nn.Linear) -> torch.Tensor:
@@ -125,58 +102,34 @@ def accuracy(head: nn.Linear, rows: dict[str, torch.Tensor]) -> dict[str, float]
 
 def draw_maps(ctx: Context, head: nn.Linear) -> list[dict]:
     """PNG grid and movie per selected video; returns one dict per video for results.json."""
-    s, rt, extra = ctx.settings, ctx.rt, ctx.extra
+    rt, extra = ctx.rt, ctx.extra
     split = ctx.splits[extra.get("split", "test")]
     indices = select_videos(split, extra.get("videos") or [])
     clips = extra.get("map_clips", 1)
-    cfg = test_config({**s, "test_clips": clips, "test_crops": 1})
+    if clips < 1:
+        raise EvalError(f"--map-clips {clips}: must be at least 1")
     backbone = ctx.backbone.to(rt.d.device).eval()
     head = head.to(rt.d.device)
-    mean = torch.tensor(cfg.mean).view(1, 1, 1, 1, 3)
-    std = torch.tensor(cfg.std).view(1, 1, 1, 1, 3)
-    tile = extra.get("tile") or max(s["crop"], 112)
     alpha = extra.get("alpha", 0.5)
-    loader = eval_loader(split.dir, "test", batch_size=clips, config=cfg, outputs=("video", "label", "index", "start"),
-                         backend=rt.backend, device_id=rt.d.local_rank if rt.backend == "gpu" else None,
-                         num_threads=rt.num_threads)
     videos = []
-    try:
-        for idx in indices:
-            if (loader.epoch, loader.step) != (0, idx):
-                loader.load_state_dict({"epoch": 0, "step": idx})
-            batch = next(iter(loader))
-            assert batch["index"].tolist() == [idx] * clips, batch["index"]
-            with torch.no_grad(), rt.amp():
-                maps = temporal_maps(backbone, head, batch["video"])
-            frames = (batch["video"].float().cpu().permute(0, 2, 3, 4, 1) * std + mean).clamp(0, 1).numpy()
-            rev_frames = frames[:, ::-1]
-            fwd_map, rev_map = maps["forward"].float().cpu().numpy(), maps["reversed"].float().cpu().numpy()
-            # per clip: forward frames / forward map, reversed frames / reversed map (write_grid: 2 rows per entry)
-            shown = np.stack([frames, rev_frames], 1).reshape(-1, *frames.shape[1:])
-            heat = np.stack([fwd_map, rev_map], 1).reshape(-1, *fwd_map.shape[1:])
-            overlay = (1 - alpha) * shown + alpha * jet(heat)
-            f8, o8 = np.round(shown * 255).astype(np.uint8), np.round(overlay * 255).astype(np.uint8)
-            key = split.shards.key(idx) or f"sample{idx}"
-            stem = f"{idx:05d}-{key}"
-            png = ctx.out / f"{stem}.png"
-            size = write_grid(png, f8, o8, extra.get("grid_frames", 8), tile)
-            files = {"png": str(png)}
-            if extra.get("movie", "mp4") != "none":
-                movie = ctx.out / f"{stem}.{extra.get('movie', 'mp4')}"
-                write_movie(movie, f8, o8, tile, extra.get("fps", 8))
-                files["movie"] = str(movie)
-            p_fwd = maps["forward_logits"].float().softmax(1)[:, FORWARD].cpu()
-            p_rev = maps["reversed_logits"].float().softmax(1)[:, REVERSED].cpu()
-            focus = [motion_focus(frames[c], fwd_map[c]) for c in range(clips)]
-            valid = [f for f in focus if f is not None]
-            label = int(batch["label"][0])
-            videos.append({"index": idx, "key": key, "label": label,
-                           "class": split.classes[label] if 0 <= label < len(split.classes) else None,
-                           "starts": batch["start"].tolist(), "png_size": list(size), **files,
-                           "p_forward_given_forward": p_fwd.tolist(), "p_reversed_given_reversed": p_rev.tolist(),
-                           "motion_focus": float(np.mean(valid)) if valid else None})
-    finally:
-        loader.close()
+    for idx, batch, frames in video_clips(ctx, split, indices, clips):
+        with torch.no_grad(), rt.amp():
+            maps = temporal_maps(backbone, head, batch["video"])
+        fwd_map, rev_map = maps["forward"].float().cpu().numpy(), maps["reversed"].float().cpu().numpy()
+        # per clip: forward frames / forward map, reversed frames / reversed map (write_grid: 2 rows per entry)
+        shown = np.stack([frames, frames[:, ::-1]], 1).reshape(-1, *frames.shape[1:])
+        heat = np.stack([fwd_map, rev_map], 1).reshape(-1, *fwd_map.shape[1:])
+        files = save_pictures(ctx, split, idx, shown, (1 - alpha) * shown + alpha * jet(heat))
+        p_fwd = maps["forward_logits"].float().softmax(1)[:, FORWARD].cpu()
+        p_rev = maps["reversed_logits"].float().softmax(1)[:, REVERSED].cpu()
+        focus = [motion_focus(frames[c], fwd_map[c]) for c in range(clips)]
+        valid = [f for f in focus if f is not None]
+        label = int(batch["label"][0])
+        videos.append({"index": idx, "label": label,
+                       "class": split.classes[label] if 0 <= label < len(split.classes) else None,
+                       "starts": batch["start"].tolist(), **files,
+                       "p_forward_given_forward": p_fwd.tolist(), "p_reversed_given_reversed": p_rev.tolist(),
+                       "motion_focus": float(np.mean(valid)) if valid else None})
     return videos
 
 
@@ -204,11 +157,7 @@ def run(ctx: Context) -> int:
               "head_seconds": train_seconds, "videos": videos,
               "motion_focus_mean": float(np.mean(focus)) if focus else None, "out_dir": str(ctx.out),
               "features": how}
-    from torch.utils.tensorboard import SummaryWriter
-    with SummaryWriter(str(ctx.out / "tb")) as w:
-        for v in videos:
-            w.add_image(f"temporal/{v['index']:05d}-{v['key']}", np.asarray(Image.open(v["png"]).convert("RGB")), 0,
-                        dataformats="HWC")
+    add_images(ctx, videos, "temporal")
     scalars = {"temporal_order_accuracy": test["clip_accuracy"], "video_accuracy": test["video_accuracy"],
                "train_accuracy": train["clip_accuracy"], "motion_focus_mean": result["motion_focus_mean"]}
     rows = [("temporal-order accuracy, test clips (%)", pct(test["clip_accuracy"])),

@@ -44,6 +44,8 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(data, tmp_path)
     common = [*TINY, f"data={data}", "objective=fima", "max_steps=5", "ckpt_every=100", "crop=32", "batch_size=2"]
     ref = run_train(*common, f"out_dir={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr[-2000:]
+    # 24 videos, batch 2: a 64-key queue spans 16 steps, more than an epoch (12 steps), and the run says so
+    assert "warning: queue_size 64 holds the keys of the last 16 steps, more than an epoch (12 steps" in ref.stdout
 
     out = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "train", "--no-progress", *common, f"out_dir={out}"], cwd=REPO,

@@ -157,6 +157,15 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
         metrics.print(f"{cfg['objective']} / {cfg['backbone']}: {loader.num_videos} videos, {steps_per_epoch} steps "
                       f"per epoch x {cfg['epochs']} epochs, global batch {global_batch} on {d.world_size} "
                       f"{'GPU' if use_cuda else 'CPU'} process(es), peak lr {peak_lr:.4g}, {cfg['precision']}")
+        # MoCo-style queues take 2 keys per video per step; one that outlives an epoch holds each video's own
+        # earlier keys as negatives (on a small dataset that stalls the instance task)
+        span = cfg["queue_size"] / (2 * global_batch)
+        if cfg["objective"] in ("moco", "fame", "fima") and span >= steps_per_epoch:
+            fit = max(2 * global_batch, 2 * global_batch * (steps_per_epoch // 8))
+            metrics.print(f"warning: queue_size {cfg['queue_size']} holds the keys of the last {span:.0f} steps, more "
+                          f"than an epoch ({steps_per_epoch} steps of {loader.num_videos} videos): every video's own "
+                          f"earlier keys are among its negatives. The UCF101 recipe's queue spans ~1/8 of an epoch "
+                          f"(2240 keys, 9537 videos); consider queue_size={fit}")
     preempted = PreemptionFlag()
     bad_in_a_row, window = 0, {"n": 0, "wait": 0.0, "time": 0.0, "sums": {}}
     model.train()
