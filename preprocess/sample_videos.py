@@ -6,6 +6,7 @@ down, or orbiting clockwise / counter-clockwise. Everything else is shared acros
 video i of every class has the *same* static background, the same object (shape, colour, size) and the same
 static distractor object; only the motion differs. So a model that looks only at backgrounds or at one frame's
 appearance is at chance on it (a background-bias benchmark), and one that sees motion can solve it.
+Every object speeds up along its path, so the set also has an arrow of time (see `trajectory`).
 Train and test use disjoint backgrounds (different seeds).
 """
 from __future__ import annotations
@@ -73,16 +74,24 @@ def paste(frame: np.ndarray, mask: np.ndarray, colour: np.ndarray, y: float, x: 
     frame[ys, xs][m] = colour
 
 
+ACCELERATION = 1.6   # progress along the path = u ** ACCELERATION: every object speeds up (see `trajectory`)
+
+
 def trajectory(motion: str, rng: np.random.Generator, n: int, h: int, w: int, size: int) -> np.ndarray:
-    """[n, 2] top-left (y, x) positions; the whole path stays inside the frame."""
+    """[n, 2] top-left (y, x) positions; the whole path stays inside the frame.
+
+    Every object speeds up along its path (progress u ** 1.6 over the video): the data has an arrow of time.
+    Played backwards a "right" video is a *slowing* leftward motion, which no video shows, so forward and
+    time-reversed clips can be told apart (what `python -m evaluate temporal` measures). At constant speed
+    the class set would be time-symmetric (reversed "right" = "left") and temporal order unlearnable."""
     margin = 4
+    progress = (np.arange(n) / max(n - 1, 1)) ** ACCELERATION
     if motion in ("right", "left", "up", "down"):
         along = w if motion in ("right", "left") else h
         travel = (along - size - 2 * margin) * rng.uniform(0.6, 1.0)
         start = margin + rng.uniform(0, along - size - 2 * margin - travel)
-        pos = start + travel * np.arange(n) / (n - 1)
-        if motion in ("left", "up"):
-            pos = pos[::-1]
+        # left / up: the same path mirrored in space (not reversed in time, which would make it slow down)
+        pos = start + travel * (1 - progress if motion in ("left", "up") else progress)
         across = w if motion in ("up", "down") else h
         other = np.full(n, rng.uniform(margin, across - size - margin))
         return np.stack([other, pos] if motion in ("right", "left") else [pos, other], 1)
@@ -92,7 +101,7 @@ def trajectory(motion: str, rng: np.random.Generator, n: int, h: int, w: int, si
     phase = rng.uniform(0, 2 * math.pi)
     turns = rng.uniform(0.75, 1.25)
     sign = 1 if motion == "clockwise" else -1       # image y points down: +angle turns clockwise on screen
-    ang = phase + sign * 2 * math.pi * turns * np.arange(n) / n
+    ang = phase + sign * 2 * math.pi * turns * progress
     return np.stack([cy + radius * np.sin(ang), cx + radius * np.cos(ang)], 1)
 
 

@@ -329,3 +329,19 @@ def test_shard_loading_errors_name_the_folder(tmp_path, reference_run):
     next(broken.glob("*.idx")).unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         fmt.shard_paths(broken)
+
+
+def test_sample_motions_speed_up_so_the_set_has_an_arrow_of_time():
+    """Played backwards, every sample video would slow down: forward and reversed clips differ as a set."""
+    from preprocess.sample_videos import CLASSES, trajectory
+    for motion in CLASSES:
+        path = trajectory(motion, np.random.default_rng(3), 64, 240, 320, 30)
+        assert path.min() >= 0 and path[:, 0].max() <= 240 - 30 and path[:, 1].max() <= 320 - 30
+        if motion in ("clockwise", "counterclockwise"):
+            centre = path.mean(0)
+            angle = np.unwrap(np.arctan2(*(path - centre).T))
+            step = np.abs(np.diff(angle))
+        else:
+            step = np.linalg.norm(np.diff(path, axis=0), axis=1)
+        first, last = step[:20].mean(), step[-20:].mean()
+        assert last > 1.5 * first, (motion, first, last)

@@ -166,6 +166,10 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
                           f"than an epoch ({steps_per_epoch} steps of {loader.num_videos} videos): every video's own "
                           f"earlier keys are among its negatives. The UCF101 recipe's queue spans ~1/8 of an epoch "
                           f"(2240 keys, 9537 videos); consider queue_size={fit}")
+        if cfg["objective"] in ("moco", "fame", "fima") and cfg["momentum_ema"] ** stop_step > 0.5:
+            metrics.print(f"warning: with momentum_ema {cfg['momentum_ema']} over {stop_step} steps the key encoder "
+                          f"keeps {cfg['momentum_ema'] ** stop_step:.0%} of its random initial weights; a short run "
+                          f"wants a lower momentum (e.g. momentum_ema={min(0.99, 1 - 5 / stop_step):.3g})")
     preempted = PreemptionFlag()
     bad_in_a_row, window = 0, {"n": 0, "wait": 0.0, "time": 0.0, "sums": {}}
     model.train()
