@@ -46,6 +46,8 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(data, tmp_path)
     assert ref.returncode == 0, ref.stderr[-2000:]
     # 24 videos, batch 2: a 64-key queue spans 16 steps, more than an epoch (12 steps), and the run says so
     assert "warning: queue_size 64 holds the keys of the last 16 steps, more than an epoch (12 steps" in ref.stdout
+    # 5 steps at the papers' EMA 0.999: the key encoder stays >99 % random, and the run says so
+    assert "warning: with momentum_ema 0.999 over 5 steps the key encoder keeps 100% of its random" in ref.stdout
 
     out = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "train", "--no-progress", *common, f"out_dir={out}"], cwd=REPO,
