@@ -80,7 +80,7 @@ ACCELERATION = 1.6   # progress along the path = u ** ACCELERATION: every object
 def trajectory(motion: str, rng: np.random.Generator, n: int, h: int, w: int, size: int) -> np.ndarray:
     """[n, 2] top-left (y, x) positions; the whole path stays inside the frame.
 
-    Every object speeds up along its path (progress u ** 1.6 over the video): the data has an arrow of time.
+    Every object speeds up along its path (progress u ** ACCELERATION over the video): the data has an arrow of time.
     Played backwards a "right" video is a *slowing* leftward motion, which no video shows, so forward and
     time-reversed clips can be told apart (what `python -m evaluate temporal` measures). At constant speed
     the class set would be time-symmetric (reversed "right" = "left") and temporal order unlearnable."""

@@ -159,16 +159,18 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
                       f"{'GPU' if use_cuda else 'CPU'} process(es), peak lr {peak_lr:.4g}, {cfg['precision']}")
         # MoCo-style queues take 2 keys per video per step; one that outlives an epoch holds each video's own
         # earlier keys as negatives (on a small dataset that stalls the instance task)
+        queued = cfg["objective"] in ("moco", "fame", "fima")   # the objectives with a queue and an EMA key encoder
         span = cfg["queue_size"] / (2 * global_batch)
-        if cfg["objective"] in ("moco", "fame", "fima") and span >= steps_per_epoch:
+        if queued and span >= steps_per_epoch:
             fit = max(2 * global_batch, 2 * global_batch * (steps_per_epoch // 8))
             metrics.print(f"warning: queue_size {cfg['queue_size']} holds the keys of the last {span:.0f} steps, more "
                           f"than an epoch ({steps_per_epoch} steps of {loader.num_videos} videos): every video's own "
                           f"earlier keys are among its negatives. The UCF101 recipe's queue spans ~1/8 of an epoch "
                           f"(2240 keys, 9537 videos); consider queue_size={fit}")
-        if cfg["objective"] in ("moco", "fame", "fima") and cfg["momentum_ema"] ** stop_step > 0.5:
+        kept = cfg["momentum_ema"] ** stop_step          # share of the key encoder's initial weights left at the end
+        if queued and kept > 0.5:
             metrics.print(f"warning: with momentum_ema {cfg['momentum_ema']} over {stop_step} steps the key encoder "
-                          f"keeps {cfg['momentum_ema'] ** stop_step:.0%} of its random initial weights; a short run "
+                          f"keeps {kept:.0%} of its random initial weights; a short run "
                           f"wants a lower momentum (e.g. momentum_ema={min(0.99, 1 - 5 / stop_step):.3g})")
     preempted = PreemptionFlag()
     bad_in_a_row, window = 0, {"n": 0, "wait": 0.0, "time": 0.0, "sums": {}}
