@@ -171,7 +171,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
         if queued and kept > 0.5:
             metrics.print(f"warning: with momentum_ema {cfg['momentum_ema']} over {stop_step} steps the key encoder "
                           f"keeps {kept:.0%} of its random initial weights; a short run "
-                          f"wants a lower momentum (e.g. momentum_ema={min(0.99, 1 - 5 / stop_step):.3g})")
+                          f"wants a lower momentum (e.g. momentum_ema={max(0.0, min(0.99, 1 - 5 / stop_step)):.3g})")
     preempted = PreemptionFlag()
     bad_in_a_row, window = 0, {"n": 0, "wait": 0.0, "time": 0.0, "sums": {}}
     model.train()
