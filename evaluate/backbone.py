@@ -64,19 +64,31 @@ def _fits(module: nn.Module, sd: dict) -> tuple[list, list, list]:
     return missing, unexpected, shapes
 
 
+def _width_kwargs(name: str, width: float) -> dict:
+    """Builder kwargs for a channel-width multiplier (train config `backbone_width`; only I3D has one)."""
+    if width == 1.0:
+        return {}
+    if name != "i3d" or width <= 0:
+        raise EvalError(f"backbone width {width} needs a positive value and backbone i3d (the only one with a width "
+                        f"multiplier), not {name!r}")
+    return {"width": width}
+
+
 def load_backbone(checkpoint: str | Path | None, backbone: str | None = None, random_init: bool = False,
-                  seed: int = 0) -> tuple[nn.Module, dict]:
-    """(backbone in eval mode on the CPU, info: source, path, backbone, objective, pretrain config, step, sha256)."""
+                  seed: int = 0, width: float | None = None) -> tuple[nn.Module, dict]:
+    """(backbone in eval mode on the CPU, info: source, path, backbone, backbone_width, objective, pretrain config,
+    step, sha256). ``width``: the random-init baseline's I3D width; a checkpoint's comes from its config."""
     if random_init:
         if checkpoint:
             raise EvalError("--random-init and --checkpoint exclude each other: the baseline has no checkpoint")
         name = backbone or "i3d"
         if name not in BACKBONES:
             raise EvalError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+        width = 1.0 if width is None else float(width)
         torch.manual_seed(seed)
-        module = build_backbone(name).eval()
-        return module, {"source": "random-init", "path": None, "backbone": name, "objective": None, "pretrain": {},
-                        "step": 0, "seed": seed, "sha256": weights_hash(module)}
+        module = build_backbone(name, **_width_kwargs(name, width)).eval()
+        return module, {"source": "random-init", "path": None, "backbone": name, "backbone_width": width,
+                        "objective": None, "pretrain": {}, "step": 0, "seed": seed, "sha256": weights_hash(module)}
     if not checkpoint:
         raise EvalError("give --checkpoint CKPT (a file from `python -m train`), or --random-init [--backbone NAME] "
                         "for the random-init baseline")
@@ -93,18 +105,22 @@ def load_backbone(checkpoint: str | Path | None, backbone: str | None = None, ra
     if backbone and trained and backbone != trained:
         raise EvalError(f"{path} was trained with backbone {trained!r} (its config), not {backbone!r}: drop --backbone "
                         f"or pass a checkpoint of a {backbone} run")
+    trained_width = float(config.get("backbone_width", 1.0))
+    if width is not None and float(width) != trained_width:
+        raise EvalError(f"{path} was trained with backbone_width {trained_width} (its config), not {width}: drop "
+                        "--backbone-width (a checkpoint brings its own)")
     candidates = [backbone or trained] if (backbone or trained) else sorted(BACKBONES)
     reports = {}
     for name in candidates:
         if name not in BACKBONES:
             raise EvalError(f"{path}: backbone {name!r} is not one this code builds ({sorted(BACKBONES)})")
-        module = build_backbone(name)
+        module = build_backbone(name, **_width_kwargs(name, trained_width))
         missing, unexpected, shapes = _fits(module, sd)
         if not (missing or unexpected or shapes):
             module.load_state_dict(sd, strict=True)
             module.eval()
             return module, {"source": "checkpoint", "path": str(path.resolve()), "backbone": name,
-                            "objective": config.get("objective"), "pretrain": config,
+                            "backbone_width": trained_width, "objective": config.get("objective"), "pretrain": config,
                             "step": state.get("step", state.get("epoch")), "sha256": weights_hash(module)}
         reports[name] = (missing, unexpected, shapes)
     fits = [n for n in sorted(BACKBONES) if n not in reports and not any(_fits(build_backbone(n), sd))]

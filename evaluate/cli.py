@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "randomly initialised --backbone")
         g.add_argument("--backbone", metavar="NAME", help="i3d, r3d18 or r2plus1d18: with --random-init (default i3d); "
                        "with a checkpoint, only checked against the one it was trained with")
+        g.add_argument("--backbone-width", metavar="W", type=float, help="I3D channel-width multiplier of the "
+                       "--random-init baseline (default 1.0; match the pretraining run's backbone_width); a "
+                       "checkpoint brings its own")
         g = sp.add_argument_group("data and output")
         g.add_argument("--data", metavar="OUT", help="shard folder holding train/ and test/ (`python -m preprocess SRC OUT`)")
         g.add_argument("--train", metavar="DIR", help="train shard set (instead of --data)")
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     dirs = resolve_dirs(args.data, args.train if cmd != "cam" or args.split == "train" else None,
                         args.test if cmd != "cam" or args.split == "test" else None, need)
     splits = open_splits(dirs, labelled=cmd not in ("cam", "temporal"))   # cheap checks first: shards, labels, classes
-    backbone, info = load_backbone(args.checkpoint, args.backbone, args.random_init, args.seed)
+    backbone, info = load_backbone(args.checkpoint, args.backbone, args.random_init, args.seed, args.backbone_width)
     dataset = next(iter(splits.values())).dataset
     flags = {k: getattr(args, k) for k in KEYS if hasattr(args, k)}
     s = resolve(cmd, args.protocol, flags, info["pretrain"], info["backbone"], dataset)

@@ -3,9 +3,13 @@
 `python -m preprocess.sample_videos OUT` writes OUT/{train,test}/<class>/<class>_NNN.mp4 (H.264, like a
 typical raw input) for the `folders` format. A class is a **motion**: an object moving right, left, up,
 down, or orbiting clockwise / counter-clockwise. Everything else is shared across classes by construction:
-video i of every class has the *same* static background, the same object (shape, colour, size) and the same
-static distractor object; only the motion differs. So a model that looks only at backgrounds or at one frame's
-appearance is at chance on it (a background-bias benchmark), and one that sees motion can solve it.
+video i of every class has the *same* static background, the same object (shape, colour, size), the same
+static distractor object and the same path (right and left run along the same segment in opposite directions,
+up and down likewise, the two orbits on the same circle); only the direction of motion differs. So a model that
+looks only at backgrounds, at one frame's appearance or at where things move is at chance on it (a
+background-bias benchmark), and one that sees the direction of motion can solve it. For self-supervised
+instance discrimination the same-scene videos are hard negatives that only motion direction separates;
+`--scenes N` reuses N scenes across the video indices, so more of them meet in a queue.
 Every object speeds up along its path, so the set also has an arrow of time (see `trajectory`).
 Train and test use disjoint backgrounds (different seeds).
 """
@@ -138,7 +142,9 @@ def encode(frames: np.ndarray, path: Path, fps: int = 25, pix_fmt: str = "yuv420
 
 def make_sample_videos(out: Path, classes: tuple[str, ...] = CLASSES, train_per_class: int = 8,
                        test_per_class: int = 4, frames: int = 64, height: int = 240, width: int = 320,
-                       seed: int = 0, progress: bool = True) -> list[Path]:
+                       seed: int = 0, progress: bool = True, scenes: int = 0) -> list[Path]:
+    """Render and encode the set; returns the video paths. ``scenes``: distinct scenes per split (video i gets
+    scene i mod scenes); 0 = one per video index (video i of every class shares scene i)."""
     out = Path(out)
     jobs = [(split, c, i) for split, n in (("train", train_per_class), ("test", test_per_class))
             for c in classes for i in range(n)]
@@ -150,8 +156,9 @@ def make_sample_videos(out: Path, classes: tuple[str, ...] = CLASSES, train_per_
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         split_id = 0 if split == "train" else 1
-        scene_seed = (seed * 1000 + split_id) * 100_003 + i                 # shared by every class: same scene
-        motion_seed = scene_seed * 16 + CLASSES.index(c)
+        video_seed = (seed * 1000 + split_id) * 100_003 + i
+        scene_seed = video_seed - i + (i % scenes if scenes else i)          # shared by every class: same scene
+        motion_seed = video_seed                  # one path per video index, shared by the classes (see module doc)
         tmp = path.with_name(f".{path.stem}.tmp.mp4")
         encode(render(c, scene_seed, motion_seed, frames, height, width), tmp)
         tmp.replace(path)
@@ -169,11 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=64, help="frames per video (25 fps)")
     p.add_argument("--size", default="320x240", help="frame size WxH")
     p.add_argument("--seed", type=int, default=0, help="seed of scenes and motions")
+    p.add_argument("--scenes", type=int, default=0, help="distinct scenes per split, reused in turn (video i gets "
+                   "scene i mod N); fewer scenes make scene identity a weaker cue for self-supervised instance "
+                   "discrimination (default 0: one scene per video index, shared by the classes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    if a.scenes < 0:
+        p.error(f"--scenes {a.scenes}: give a positive number of scenes, or 0 for one per video index")
     w, h = (int(v) for v in a.size.split("x"))
     paths = make_sample_videos(a.out, CLASSES[: a.classes], a.train_per_class, a.test_per_class, a.frames, h, w,
-                               a.seed, not a.no_progress)
+                               a.seed, not a.no_progress, a.scenes)
     print(f"{len(paths)} videos in {a.out} ({a.classes} motion classes)")
     return 0
 

@@ -239,6 +239,25 @@ def test_bad_inputs_give_clear_errors(synthetic_shards, sample_videos, ckpt, tmp
     assert "does not exist" in error(["linear", "--random-init", "--data", str(tmp_path / "nowhere"), *FAST])
 
 
+def test_backbone_width_comes_from_the_checkpoint_and_random_init_takes_a_flag(tmp_path):
+    from evaluate.backbone import EvalError
+    cfg = load_config("demo", ["backbone_width=0.25"])
+    torch.manual_seed(0)
+    model = build_objective(cfg["objective"], **objective_kwargs(cfg))
+    path = CheckpointManager(tmp_path / "checkpoints").save({"model": model.state_dict(), "step": 1, "config": cfg}, 1)
+    backbone, info = load_backbone(path)
+    assert info["backbone_width"] == 0.25 and backbone.feature_dim == 256
+    q = model.encoder_q.state_dict()                                         # the query encoder's weights
+    assert all(torch.equal(v, q[k]) for k, v in backbone.state_dict().items())
+    with pytest.raises(EvalError, match="backbone_width 0.25"):
+        load_backbone(path, width=1.0)
+    random, rinfo = load_backbone(None, "i3d", random_init=True, width=0.25)
+    assert random.feature_dim == 256 and rinfo["backbone_width"] == 0.25
+    assert load_backbone(None, "i3d", random_init=True)[0].feature_dim == 1024
+    with pytest.raises(EvalError, match="only one with a width"):
+        load_backbone(None, "r3d18", random_init=True, width=0.5)
+
+
 def test_frozen_guard_catches_a_backbone_that_changes():
     """moco's main_lincls sanity check: BatchNorm statistics updated by a forward in train mode are caught."""
     backbone = build_backbone("i3d")

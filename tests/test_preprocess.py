@@ -345,3 +345,31 @@ def test_sample_motions_speed_up_so_the_set_has_an_arrow_of_time():
             step = np.linalg.norm(np.diff(path, axis=0), axis=1)
         first, last = step[:20].mean(), step[-20:].mean()
         assert last > 1.5 * first, (motion, first, last)
+
+
+def test_sample_classes_of_one_video_share_scene_and_path_and_differ_in_direction(tmp_path):
+    """Video i of every class: the same scene, and the same segment (or circle) traversed the other way, so where
+    things move says nothing about the class; --scenes N reuses scene i mod N."""
+    from preprocess.sample_videos import trajectory
+    for a, b in (("right", "left"), ("up", "down")):
+        pa, pb = (trajectory(m, np.random.default_rng(7), 64, 240, 320, 30) for m in (a, b))
+        assert np.allclose(pa.min(0), pb.min(0)) and np.allclose(pa.max(0), pb.max(0))   # the same segment...
+        assert np.allclose(pa[0], pb[-1]) and np.allclose(pa[-1], pb[0])                  # ...the other way
+    cw, ccw = (trajectory(m, np.random.default_rng(7), 64, 240, 320, 30) for m in ("clockwise", "counterclockwise"))
+    chord = [np.linalg.norm(p - p[0], axis=1) for p in (cw, ccw)]   # equal chords from one start: one circle,
+    assert np.allclose(cw[0], ccw[0]) and np.allclose(*chord) and not np.allclose(cw, ccw)   # mirrored turns
+
+    import av
+    from preprocess.sample_videos import make_sample_videos
+    make_sample_videos(tmp_path, ("right", "left"), train_per_class=3, test_per_class=0, frames=16, scenes=2,
+                       progress=False)
+
+    def first_frame(name):
+        with av.open(str(tmp_path / "train" / name.split("_")[0] / f"{name}.mp4")) as c:
+            return next(c.decode(video=0)).to_ndarray(format="rgb24").astype(int)
+
+    def differ(x, y):   # median over pixels: the objects (a few % of the frame) do not count
+        return np.median(np.abs(first_frame(x) - first_frame(y)))
+    same_scene, other_scene = differ("right_000", "right_002"), differ("right_000", "right_001")  # scenes 0/0, 0/1
+    same_video = differ("right_001", "left_001")                   # one scene, objects at the two ends of one path
+    assert same_scene <= 3 and same_video <= 3 and other_scene > 20, (same_scene, same_video, other_scene)

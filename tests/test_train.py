@@ -139,6 +139,19 @@ def test_config_presets_and_overrides():
         load_config(None, ["batch_size"])
 
 
+def test_backbone_width_reaches_the_model_and_is_checked():
+    from train.trainer import objective_kwargs
+    from model import build_objective
+    cfg = load_config("demo", ["backbone_width=0.25"])
+    model = build_objective(cfg["objective"], **objective_kwargs(cfg))
+    assert model.encoder_q.feature_dim == 256 and model.encoder_k.feature_dim == 256   # 1024 * 0.25
+    assert "backbone_kwargs" not in objective_kwargs(load_config("demo"))                # width 1: the published I3D
+    with pytest.raises(ConfigError, match="needs backbone=i3d"):
+        load_config(None, ["backbone=r3d18", "backbone_width=0.5"])
+    with pytest.raises(ConfigError, match="positive"):
+        load_config(None, ["backbone_width=0"])
+
+
 def test_help_lists_presets_and_every_key():
     r = run_train("--help")
     assert r.returncode == 0

@@ -25,10 +25,11 @@ from pipeline import AugConfig, pretrain_loader
 
 from . import distributed as D
 from .checkpoint import CheckpointManager, PreemptionFlag, rng_state, set_rng_state
+from .config import DEFAULTS
 from .metrics import Metrics
 
 # keys that change the model or the sample stream: a resumed run must agree on them
-ARCH_KEYS = ("objective", "backbone", "frames", "stride", "crop", "queue_size", "dense_queue_size", "cluster", "data",
+ARCH_KEYS = ("objective", "backbone", "backbone_width", "frames", "stride", "crop", "queue_size", "dense_queue_size", "cluster", "data",
              "seed")
 
 
@@ -43,6 +44,8 @@ def objective_kwargs(cfg: dict) -> dict:
                     thres=cfg["graph_threshold"], proto_queue=cfg["proto_queue"], queue_start=cfg["proto_queue_start"])
     kw = dict(backbone=cfg["backbone"], K=cfg["queue_size"], m=cfg["momentum_ema"], T=cfg["temperature"],
               self_negative_bug=cfg["self_negative_bug"])
+    if cfg["backbone_width"] != 1.0:
+        kw["backbone_kwargs"] = {"width": cfg["backbone_width"]}
     if cfg["objective"] == "fima":
         kw.update(dense_K=cfg["dense_queue_size"], dense_T=cfg["dense_temperature"], dense_weight=cfg["dense_weight"],
                   pos_ratio=cfg["pos_ratio"], dense_coords=cfg["dense_coords"])
@@ -133,7 +136,8 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
         found = ckpts.load_latest() if resume == "auto" else (CheckpointManager.load(resume), Path(resume))
         if found:
             state, path = found
-            diff = {k: (state["config"].get(k), cfg[k]) for k in ARCH_KEYS if state["config"].get(k) != cfg[k]}
+            saved = {k: state["config"].get(k, DEFAULTS[k][0]) for k in ARCH_KEYS}   # keys added later: their default
+            diff = {k: (saved[k], cfg[k]) for k in ARCH_KEYS if saved[k] != cfg[k]}
             if diff:
                 raise TrainingError(f"{path} was written with other settings {diff} (checkpoint, now): use the same "
                                     "config, another out_dir, or --resume none")
