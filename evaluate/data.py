@@ -88,5 +88,5 @@ def test_config(s: dict) -> AugConfig:
 def train_config(s: dict) -> AugConfig:
     """Fine-tune training clips: one random window, random-resized crop, flip, grayscale / colour jitter, no blur."""
     return AugConfig(num_frames=s["frames"], stride=s["stride"], crop_size=s["crop"], crop_area=(s["min_area"], 1.0),
-                     grayscale_p=s["grayscale_p"], jitter_p=s["jitter_p"], blur_p=0.0,
+                     flip_p=s["flip_p"], grayscale_p=s["grayscale_p"], jitter_p=s["jitter_p"], blur_p=0.0,
                      color_aug=s["grayscale_p"] > 0 or s["jitter_p"] > 0)

@@ -145,11 +145,32 @@ def test_backbone_width_reaches_the_model_and_is_checked():
     cfg = load_config("demo", ["backbone_width=0.25"])
     model = build_objective(cfg["objective"], **objective_kwargs(cfg))
     assert model.encoder_q.feature_dim == 256 and model.encoder_k.feature_dim == 256   # 1024 * 0.25
-    assert "backbone_kwargs" not in objective_kwargs(load_config("demo"))                # width 1: the published I3D
+    assert "backbone_kwargs" not in objective_kwargs(load_config(None))                  # width 1: the published I3D
     with pytest.raises(ConfigError, match="needs backbone=i3d"):
         load_config(None, ["backbone=r3d18", "backbone_width=0.5"])
     with pytest.raises(ConfigError, match="positive"):
         load_config(None, ["backbone_width=0"])
+
+
+def test_flip_p_reaches_the_pipeline(data):
+    """flip_p=0 (the demo: direction classes) mirrors no clip; flip_p=1 mirrors every one (x1 > x2 in its box)."""
+    from pipeline import pretrain_loader
+    from train.trainer import aug_config
+    mirrored = {}
+    for p in (0, 1):
+        cfg = load_config("demo", [f"flip_p={p}", "crop=32"])
+        loader = pretrain_loader(data, "fima", batch_size=4, config=aug_config(cfg), seed=0, backend="cpu",
+                                 num_threads=1)
+        try:
+            batch = next(iter(loader))
+        finally:
+            loader.close()
+        boxes = torch.cat([batch["box_m"], batch["box_n"]])                      # 8 x (x1, y1, x2, y2)
+        mirrored[p] = (boxes[:, 0] > boxes[:, 2]).tolist()
+    assert not any(mirrored[0]) and all(mirrored[1]), mirrored
+    assert load_config("demo")["flip_p"] == 0 and load_config("ucf101_i3d_fima")["flip_p"] == 0.5
+    with pytest.raises(ConfigError, match="probability"):
+        load_config(None, ["flip_p=2"])
 
 
 def test_help_lists_presets_and_every_key():

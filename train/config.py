@@ -24,6 +24,8 @@ DEFAULTS: dict[str, tuple[object, str]] = {
     "stride": (2, "temporal stride of the global clip (windows are frames*stride long)"),
     "crop": (224, "spatial crop size (S)"),
     "min_area": (0.2, "random-resized-crop: smallest area fraction"),
+    "flip_p": (0.5, "horizontal-flip probability per clip; 0 for data whose labels flip with the image (the "
+                    "synthetic sample's right/left and clockwise/counter-clockwise)"),
     "frame0": ("wrap", "frame difference of frame 0: wrap (reference: X0 - X(T-1)) or zero"),
     # model and objective
     "objective": ("fima", "pretraining objective: fima, moco, fame or multilevel"),
@@ -149,6 +151,8 @@ def load_config(preset: str | Path | None = None, overrides: list[str] = ()) -> 
         cfg[k] = _check(k, value, "the command line")
     if cfg["crop"] < 16 or cfg["frames"] < 2:
         raise ConfigError(f"crop={cfg['crop']} / frames={cfg['frames']} are too small (crop >= 16, frames >= 2)")
+    if cfg["flip_p"] > 1:
+        raise ConfigError(f"flip_p={cfg['flip_p']} is a probability: give a value in [0, 1]")
     if cfg["backbone_width"] != 1.0 and cfg["backbone"] != "i3d":
         raise ConfigError(f"backbone_width={cfg['backbone_width']} needs backbone=i3d (the only backbone with a width "
                           f"multiplier), not {cfg['backbone']!r}")

@@ -57,7 +57,7 @@ def objective_kwargs(cfg: dict) -> dict:
 def aug_config(cfg: dict) -> AugConfig:
     """The pipeline's augmentation settings for a run config."""
     return AugConfig(num_frames=cfg["frames"], stride=cfg["stride"], crop_size=cfg["crop"],
-                     crop_area=(cfg["min_area"], 1.0), frame0=cfg["frame0"], per_frame_colour=cfg["per_frame_colour"])
+                     crop_area=(cfg["min_area"], 1.0), flip_p=cfg["flip_p"], frame0=cfg["frame0"], per_frame_colour=cfg["per_frame_colour"])
 
 
 def build_optimizer(cfg: dict, params, lr: float) -> torch.optim.Optimizer:
