@@ -113,10 +113,11 @@ def render(motion: str, scene_seed: int, motion_seed: int, frames: int, h: int, 
     """[frames, h, w, 3] uint8. The scene (background, object, distractor) comes from scene_seed only."""
     scene = np.random.default_rng(scene_seed)
     bg = background(scene, h, w)
-    size = int(scene.integers(24, 44))
+    scale = min(h, w) / 240                 # object sizes are drawn for a 240-px short side and scaled with it
+    size = max(4, round(int(scene.integers(24, 44)) * scale))
     mask = object_mask(int(scene.integers(3)), size)
     colour = scene.uniform(0, 255, 3).astype(np.uint8)
-    d_mask = object_mask(int(scene.integers(3)), int(scene.integers(20, 40)))
+    d_mask = object_mask(int(scene.integers(3)), max(4, round(int(scene.integers(20, 40)) * scale)))
     d_colour = scene.uniform(0, 255, 3).astype(np.uint8)
     d_pos = scene.uniform(0, h - d_mask.shape[0]), scene.uniform(0, w - d_mask.shape[0])
     path = trajectory(motion, np.random.default_rng(motion_seed), frames, h, w, size)
@@ -140,7 +141,7 @@ def encode(frames: np.ndarray, path: Path, fps: int = 25, pix_fmt: str = "yuv420
         raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace')[-500:]}")
 
 
-MIN_SIDE = 136   # the largest object (43 px) on the largest orbit (0.3 x the short side) inside the frame
+MIN_SIDE = 40    # the largest object (0.18 x the short side) on the largest orbit (0.3 x) still fits inside the frame
 
 
 def make_sample_videos(out: Path, classes: tuple[str, ...] = CLASSES, train_per_class: int = 8,
@@ -149,8 +150,8 @@ def make_sample_videos(out: Path, classes: tuple[str, ...] = CLASSES, train_per_
     """Render and encode the set; returns the video paths. ``scenes``: distinct scenes per split (video i gets
     scene i mod scenes); 0 = one per video index (video i of every class shares scene i)."""
     if min(height, width) < MIN_SIDE:
-        raise ValueError(f"sample videos of {width}x{height}: both sides must be at least {MIN_SIDE} px (objects are "
-                         f"24-43 px and orbits need room inside the frame)")
+        raise ValueError(f"sample videos of {width}x{height}: both sides must be at least {MIN_SIDE} px (the largest "
+                         "orbit with the largest object needs it)")
     out = Path(out)
     jobs = [(split, c, i) for split, n in (("train", train_per_class), ("test", test_per_class))
             for c in classes for i in range(n)]
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--scenes {a.scenes}: give a positive number of scenes, or 0 for one per video index")
     w, h = (int(v) for v in a.size.split("x"))
     if min(w, h) < MIN_SIDE:
-        p.error(f"--size {a.size}: both sides must be at least {MIN_SIDE} px (objects are 24-43 px)")
+        p.error(f"--size {a.size}: both sides must be at least {MIN_SIDE} px (orbits need room inside the frame)")
     paths = make_sample_videos(a.out, CLASSES[: a.classes], a.train_per_class, a.test_per_class, a.frames, h, w,
                                a.seed, not a.no_progress, a.scenes)
     print(f"{len(paths)} videos in {a.out} ({a.classes} motion classes)")

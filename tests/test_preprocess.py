@@ -373,3 +373,8 @@ def test_sample_classes_of_one_video_share_scene_and_path_and_differ_in_directio
     same_scene, other_scene = differ("right_000", "right_002"), differ("right_000", "right_001")  # scenes 0/0, 0/1
     same_video = differ("right_001", "left_001")                   # one scene, objects at the two ends of one path
     assert same_scene <= 3 and same_video <= 3 and other_scene > 20, (same_scene, same_video, other_scene)
+    # object sizes scale with the frame, so small sets (tests, the Docker check) have every class; too small is refused
+    assert len(make_sample_videos(tmp_path / "small", train_per_class=2, test_per_class=0, frames=8, height=40,
+                                  width=64, progress=False)) == 12
+    with pytest.raises(ValueError, match="at least 40 px"):
+        make_sample_videos(tmp_path / "tiny", frames=8, height=39, width=64, progress=False)
