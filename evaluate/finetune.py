@@ -122,9 +122,8 @@ def run(ctx: Context) -> int:
     def save() -> None:
         ckpts.save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "loader": loader.state_dict(),
                     "rng": D.gather_objects(rng_state(), d), "step": step, "epoch": loader.epoch, "identity": identity, "history": history,
-                    "config": {**s, "backbone": ctx.info["backbone"], "backbone_width": ctx.info.get("backbone_width", 1.0),
-                               "num_classes": num_classes,
-                               "classes": train_split.classes}}, step)
+                    "config": {**s, "backbone": ctx.info["backbone"], "backbone_width": ctx.info["backbone_width"],
+                               "num_classes": num_classes, "classes": train_split.classes}}, step)
 
     # --- the loop ------------------------------------------------------------------------------------------
     total_steps = s["epochs"] * steps_per_epoch

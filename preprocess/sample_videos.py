@@ -163,9 +163,9 @@ def make_sample_videos(out: Path, classes: tuple[str, ...] = CLASSES, train_per_
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         split_id = 0 if split == "train" else 1
-        video_seed = (seed * 1000 + split_id) * 100_003 + i
-        scene_seed = video_seed - i + (i % scenes if scenes else i)          # shared by every class: same scene
-        motion_seed = video_seed                  # one path per video index, shared by the classes (see module doc)
+        base = (seed * 1000 + split_id) * 100_003
+        scene_seed = base + (i % scenes if scenes else i)    # shared by every class: same scene
+        motion_seed = base + i                               # one path per video index, shared by the classes too
         tmp = path.with_name(f".{path.stem}.tmp.mp4")
         encode(render(c, scene_seed, motion_seed, frames, height, width), tmp)
         tmp.replace(path)

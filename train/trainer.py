@@ -29,8 +29,8 @@ from .config import DEFAULTS
 from .metrics import Metrics
 
 # keys that change the model or the sample stream: a resumed run must agree on them
-ARCH_KEYS = ("objective", "backbone", "backbone_width", "frames", "stride", "crop", "queue_size", "dense_queue_size", "cluster", "data",
-             "seed")
+ARCH_KEYS = ("objective", "backbone", "backbone_width", "frames", "stride", "crop", "queue_size", "dense_queue_size",
+             "cluster", "data", "seed")
 
 
 class TrainingError(RuntimeError):
@@ -57,7 +57,8 @@ def objective_kwargs(cfg: dict) -> dict:
 def aug_config(cfg: dict) -> AugConfig:
     """The pipeline's augmentation settings for a run config."""
     return AugConfig(num_frames=cfg["frames"], stride=cfg["stride"], crop_size=cfg["crop"],
-                     crop_area=(cfg["min_area"], 1.0), flip_p=cfg["flip_p"], frame0=cfg["frame0"], per_frame_colour=cfg["per_frame_colour"])
+                     crop_area=(cfg["min_area"], 1.0), flip_p=cfg["flip_p"], frame0=cfg["frame0"],
+                     per_frame_colour=cfg["per_frame_colour"])
 
 
 def build_optimizer(cfg: dict, params, lr: float) -> torch.optim.Optimizer:
