@@ -144,14 +144,18 @@ def encode(frames: np.ndarray, path: Path, fps: int = 25, pix_fmt: str = "yuv420
 MIN_SIDE = 40    # the largest object (0.18 x the short side) on the largest orbit (0.3 x) still fits inside the frame
 
 
+def check_size(width: int, height: int) -> None:
+    if min(height, width) < MIN_SIDE:
+        raise ValueError(f"sample videos of {width}x{height}: both sides must be at least {MIN_SIDE} px (the largest "
+                         "orbit with the largest object needs it)")
+
+
 def make_sample_videos(out: Path, classes: tuple[str, ...] = CLASSES, train_per_class: int = 8,
                        test_per_class: int = 4, frames: int = 64, height: int = 240, width: int = 320,
                        seed: int = 0, progress: bool = True, scenes: int = 0) -> list[Path]:
     """Render and encode the set; returns the video paths. ``scenes``: distinct scenes per split (video i gets
     scene i mod scenes); 0 = one per video index (video i of every class shares scene i)."""
-    if min(height, width) < MIN_SIDE:
-        raise ValueError(f"sample videos of {width}x{height}: both sides must be at least {MIN_SIDE} px (the largest "
-                         "orbit with the largest object needs it)")
+    check_size(width, height)
     out = Path(out)
     jobs = [(split, c, i) for split, n in (("train", train_per_class), ("test", test_per_class))
             for c in classes for i in range(n)]
@@ -191,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.scenes < 0:
         p.error(f"--scenes {a.scenes}: give a positive number of scenes, or 0 for one per video index")
     w, h = (int(v) for v in a.size.split("x"))
-    if min(w, h) < MIN_SIDE:
-        p.error(f"--size {a.size}: both sides must be at least {MIN_SIDE} px (orbits need room inside the frame)")
+    try:
+        check_size(w, h)
+    except ValueError as e:
+        p.error(f"--size: {e}")
     paths = make_sample_videos(a.out, CLASSES[: a.classes], a.train_per_class, a.test_per_class, a.frames, h, w,
                                a.seed, not a.no_progress, a.scenes)
     print(f"{len(paths)} videos in {a.out} ({a.classes} motion classes)")
