@@ -12,6 +12,13 @@ instance discrimination the same-scene videos are hard negatives that only motio
 `--scenes N` reuses N scenes across the video indices, so more of them meet in a queue.
 Every object speeds up along its path, so the set also has an arrow of time (see `trajectory`).
 Train and test use disjoint backgrounds (different seeds).
+
+`--kind camera` renders the same six classes as motion of the whole picture instead (`camera_render`): a static
+textured scene under a camera that pans (the content moves right / left / up / down) or rolls (the content turns
+clockwise / counter-clockwise about the centre), speeding up the same way. Measured here: a small 3D CNN trained
+with labels for 300 steps learns the direction of a frame-wide pan (63 % test accuracy on 4 directions) but not
+that of a 16-px object at 3 px per frame, nor even whether such an object moves at all (chance), because global
+average pooling leaves a small object's motion a few per cent of the signal.
 """
 from __future__ import annotations
 
@@ -32,7 +39,10 @@ CLASSES = ("right", "left", "up", "down", "clockwise", "counterclockwise")
 
 def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A static textured background [h, w, 3] uint8: smooth colour noise, stripes, checks or a gradient."""
-    kind = rng.integers(4)
+    return background_of_kind(int(rng.integers(4)), rng, h, w)
+
+
+def background_of_kind(kind: int, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     if kind == 0:    # smooth colour noise: low-res noise upsampled
         small = rng.uniform(0, 255, size=(h // 24 + 2, w // 24 + 2, 3)).astype(np.float32)
@@ -129,6 +139,56 @@ def render(motion: str, scene_seed: int, motion_seed: int, frames: int, h: int, 
     return out
 
 
+def camera_texture(rng: np.random.Generator, side: int, scale: float) -> np.ndarray:
+    """A [side, side, 3] uint8 scene for the camera kind: smooth colour noise with static shapes on it. Textured
+    everywhere (no stripes or gradients, whose motion is ambiguous or invisible along their direction)."""
+    img = background_of_kind(0, rng, side, side)
+    for _ in range(int(rng.integers(8, 16)) * max(1, round((side / 480) ** 2))):
+        m = object_mask(int(rng.integers(3)), max(4, round(int(rng.integers(20, 60)) * scale)))
+        paste(img, m, rng.uniform(0, 255, 3).astype(np.uint8), *rng.uniform(0, side - m.shape[0], 2))
+    return img
+
+
+def camera_render(motion: str, scene_seed: int, motion_seed: int, frames: int, h: int, w: int) -> np.ndarray:
+    """[frames, h, w, 3] uint8: the camera kind. The whole picture moves: a static textured scene seen by a camera
+    that pans (content moves right / left / up / down in the frame) or rolls (content turns clockwise /
+    counter-clockwise about the frame centre). The scene comes from scene_seed, the speed from motion_seed; the
+    motion speeds up like `trajectory` (progress u ** ACCELERATION), so the set keeps an arrow of time.
+    Bilinear sampling of the scene canvas; the canvas is large enough that the frame never leaves it."""
+    scene, speed = np.random.default_rng(scene_seed), np.random.default_rng(motion_seed)
+    short = min(h, w)
+    travel = speed.uniform(0.8, 1.1) * short * frames / 64          # pixels over the video: ~3 px per frame at 240
+    turn = speed.uniform(0.5, 0.75) * math.pi * frames / 64         # radians over the video for the rolls
+    side = int(math.ceil(math.hypot(h, w) + 2 * travel)) + 4
+    canvas = camera_texture(scene, side, short / 240).astype(np.float32)
+    progress = (np.arange(frames) / max(frames - 1, 1)) ** ACCELERATION
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    py, px = yy - (h - 1) / 2, xx - (w - 1) / 2                     # output pixel relative to the frame centre
+    c = (side - 1) / 2
+    out = np.empty((frames, h, w, 3), np.uint8)
+    for t, p in enumerate(progress):
+        dy, dx, ang = 0.0, 0.0, 0.0
+        if motion in ("right", "left"):
+            dx = travel * (p - 0.5) * (1 if motion == "right" else -1)
+        elif motion in ("up", "down"):
+            dy = travel * (p - 0.5) * (1 if motion == "down" else -1)
+        else:                                   # image y points down: +angle turns clockwise on screen
+            ang = turn * (p - 0.5) * (1 if motion == "clockwise" else -1)
+        # content moved by (dy, dx) and turned by ang: output pixel p shows scene point R(-ang) (p - shift)
+        qy, qx = py - dy, px - dx
+        sy = c + math.cos(ang) * qy - math.sin(ang) * qx
+        sx = c + math.sin(ang) * qy + math.cos(ang) * qx
+        y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
+        fy, fx = (sy - y0)[..., None], (sx - x0)[..., None]
+        img = (canvas[y0, x0] * (1 - fy) * (1 - fx) + canvas[y0 + 1, x0] * fy * (1 - fx)
+               + canvas[y0, x0 + 1] * (1 - fy) * fx + canvas[y0 + 1, x0 + 1] * fy * fx)
+        out[t] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+KINDS = {"object": render, "camera": camera_render}
+
+
 def encode(frames: np.ndarray, path: Path, fps: int = 25, pix_fmt: str = "yuv420p") -> None:
     """Encode RGB frames to H.264 MP4 with the project's ffmpeg (raw frames through a pipe, no shell)."""
     n, h, w, _ = frames.shape
@@ -152,10 +212,13 @@ def check_size(width: int, height: int) -> None:
 
 def make_sample_videos(out: Path, classes: tuple[str, ...] = CLASSES, train_per_class: int = 8,
                        test_per_class: int = 4, frames: int = 64, height: int = 240, width: int = 320,
-                       seed: int = 0, progress: bool = True, scenes: int = 0) -> list[Path]:
+                       seed: int = 0, progress: bool = True, scenes: int = 0, kind: str = "object") -> list[Path]:
     """Render and encode the set; returns the video paths. ``scenes``: distinct scenes per split (video i gets
-    scene i mod scenes); 0 = one per video index (video i of every class shares scene i)."""
+    scene i mod scenes); 0 = one per video index (video i of every class shares scene i). ``kind``: "object"
+    (an object moves over a static scene, `render`) or "camera" (the whole picture moves, `camera_render`)."""
     check_size(width, height)
+    if kind not in KINDS:
+        raise ValueError(f"sample kind {kind!r}: choose from {', '.join(KINDS)}")
     out = Path(out)
     jobs = [(split, c, i) for split, n in (("train", train_per_class), ("test", test_per_class))
             for c in classes for i in range(n)]
@@ -171,7 +234,7 @@ def make_sample_videos(out: Path, classes: tuple[str, ...] = CLASSES, train_per_
         scene_seed = base + (i % scenes if scenes else i)    # shared by every class: same scene
         motion_seed = base + i                               # one path per video index, shared by the classes too
         tmp = path.with_name(f".{path.stem}.tmp.mp4")
-        encode(render(c, scene_seed, motion_seed, frames, height, width), tmp)
+        encode(KINDS[kind](c, scene_seed, motion_seed, frames, height, width), tmp)
         tmp.replace(path)
     return paths
 
@@ -190,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=0, help="distinct scenes per split, reused in turn (video i gets "
                    "scene i mod N); fewer scenes make scene identity a weaker cue for self-supervised instance "
                    "discrimination (default 0: one scene per video index, shared by the classes)")
+    p.add_argument("--kind", choices=tuple(KINDS), default="object",
+                   help="object: one object moves over a static scene, the classes are its motion (a background-bias "
+                   "benchmark); camera: the whole picture pans or rolls, the classes are that motion (motion over "
+                   "the whole frame, which a small CPU-trained model can learn in minutes) (default: object)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.scenes < 0:
@@ -200,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(f"--size: {e}")
     paths = make_sample_videos(a.out, CLASSES[: a.classes], a.train_per_class, a.test_per_class, a.frames, h, w,
-                               a.seed, not a.no_progress, a.scenes)
-    print(f"{len(paths)} videos in {a.out} ({a.classes} motion classes)")
+                               a.seed, not a.no_progress, a.scenes, a.kind)
+    print(f"{len(paths)} videos in {a.out} ({a.classes} {a.kind}-motion classes)")
     return 0
 
 

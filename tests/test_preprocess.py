@@ -378,3 +378,40 @@ def test_sample_classes_of_one_video_share_scene_and_path_and_differ_in_directio
                                   width=64, progress=False)) == 12
     with pytest.raises(ValueError, match="at least 40 px"):
         make_sample_videos(tmp_path / "tiny", frames=8, height=39, width=64, progress=False)
+
+
+def _block_shift(a: np.ndarray, b: np.ndarray, rows: slice, cols: slice, reach: int = 10) -> tuple[int, int]:
+    """(dy, dx) by which the block a[rows, cols] of grey frame a moved to in frame b: exhaustive block matching."""
+    block = a[rows, cols]
+    err = {(dy, dx): np.abs(b[rows.start + dy: rows.stop + dy, cols.start + dx: cols.stop + dx] - block).mean()
+           for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)}
+    return min(err, key=err.get)
+
+
+def test_camera_sample_moves_the_whole_picture_in_the_class_direction_and_speeds_up(tmp_path):
+    """The camera kind, decoded with PyAV and measured by phase correlation (independent of the renderer): pans
+    shift the whole frame the class's way, rolls move the right half down (clockwise) or up, and later frames
+    move further per frame than early ones (the arrow of time)."""
+    from preprocess.sample_videos import CLASSES, make_sample_videos
+    make_sample_videos(tmp_path, CLASSES, train_per_class=1, test_per_class=0, frames=32, height=96, width=128,
+                       progress=False, kind="camera")
+    expect = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
+    for c in CLASSES:
+        with av.open(str(tmp_path / "train" / c / f"{c}_000.mp4")) as f:
+            grey = [fr.to_ndarray(format="gray").astype(float) for fr in f.decode(video=0)]
+        assert len(grey) == 32
+        if c in expect:
+            centre = (slice(28, 68), slice(34, 94))
+            early, late = _block_shift(grey[4], grey[8], *centre), _block_shift(grey[26], grey[30], *centre)
+            axis = 0 if expect[c][0] else 1
+            sign = expect[c][axis]
+            assert sign * late[axis] > 2 and abs(late[1 - axis]) <= 1, (c, early, late)
+            assert sign * late[axis] > sign * early[axis], (c, early, late)   # it speeds up
+        else:
+            rows = slice(28, 68)       # strips at the right and left edges, level with the centre
+            right = _block_shift(grey[28], grey[30], rows, slice(104, 116))
+            left = _block_shift(grey[28], grey[30], rows, slice(12, 24))
+            sign = 1 if c == "clockwise" else -1      # clockwise on screen: the right side moves down
+            assert sign * right[0] > 2 and sign * left[0] < -2 and abs(right[1]) <= 2, (c, right, left)
+    with pytest.raises(ValueError, match="sample kind 'pan'"):
+        make_sample_videos(tmp_path / "bad", kind="pan", progress=False)

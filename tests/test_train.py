@@ -127,6 +127,15 @@ def test_bad_inputs_give_one_clear_error(data, tmp_path):
     # a different architecture in the same run folder is refused, not silently mixed
     r = run_train(*common, "backbone=r3d18", "max_steps=4", f"out_dir={run}")
     assert r.returncode == 1 and "other settings" in r.stderr and "backbone" in r.stderr
+    # a second run into a folder that a live run holds is refused before it writes anything
+    from train.checkpoint import lock_run_folder
+    held = lock_run_folder(run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    r = run_train(*common, "max_steps=4", f"out_dir={run}")
+    assert r.returncode == 1 and "in use by another run" in r.stderr and f"pid {os.getpid()}" in r.stderr, r.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    held.close()                                              # the holder exits: the folder is free again
+    assert run_train(*common, "max_steps=3", f"out_dir={run}").returncode == 0
 
 
 def test_config_presets_and_overrides():

@@ -86,6 +86,30 @@ class CheckpointManager:
         return None
 
 
+def lock_run_folder(folder: Path):
+    """Hold an exclusive lock on `folder`/.lock for this process's lifetime, or raise if another process holds it.
+
+    Two runs writing one out_dir would overwrite each other's checkpoints and logs. flock is released by the
+    kernel when the process exits, however it exits, so a killed run never leaves a stale lock behind.
+    Returns the open lock file; keep a reference to it."""
+    import fcntl
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RuntimeError(f"{folder} is in use by another run ({holder}): wait for it to finish, stop it, or give "
+                           "this run another out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    return f
+
+
 class _signals_deferred:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

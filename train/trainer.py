@@ -24,7 +24,7 @@ from model import build_objective
 from pipeline import AugConfig, pretrain_loader
 
 from . import distributed as D
-from .checkpoint import CheckpointManager, PreemptionFlag, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, PreemptionFlag, lock_run_folder, rng_state, set_rng_state
 from .config import DEFAULTS
 from .metrics import Metrics
 
@@ -95,7 +95,10 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     out_dir = Path(cfg["out_dir"])
     ckpts = CheckpointManager(out_dir / "checkpoints", cfg["keep_ckpts"], d.is_main)
     if d.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_lock = lock_run_folder(out_dir)   # noqa: F841 (held until the process exits)
+        except RuntimeError as e:
+            raise TrainingError(str(e)) from None
         tmp = out_dir / f".config.yaml.{os.getpid()}"
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
         os.replace(tmp, out_dir / "config.yaml")
