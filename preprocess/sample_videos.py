@@ -15,10 +15,9 @@ Train and test use disjoint backgrounds (different seeds).
 
 `--kind camera` renders the same six classes as motion of the whole picture instead (`camera_render`): a static
 textured scene under a camera that pans (the content moves right / left / up / down) or rolls (the content turns
-clockwise / counter-clockwise about the centre), speeding up the same way. Measured here: a small 3D CNN trained
-with labels for 300 steps learns the direction of a frame-wide pan (63 % test accuracy on 4 directions) but not
-that of a 16-px object at 3 px per frame, nor even whether such an object moves at all (chance), because global
-average pooling leaves a small object's motion a few per cent of the signal.
+clockwise / counter-clockwise about the centre), speeding up the same way. Motion over the whole frame is what a
+small model trained briefly can pick up; a small object's motion is a few per cent of a globally pooled signal
+(measurements in the README's Status section).
 """
 from __future__ import annotations
 
