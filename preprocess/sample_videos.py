@@ -36,6 +36,12 @@ from .video import ffmpeg_exe
 CLASSES = ("right", "left", "up", "down", "clockwise", "counterclockwise")
 
 
+def bilinear(img: np.ndarray, iy: np.ndarray, ix: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
+    """img [H, W, C] sampled between its pixels (iy, ix) and (iy + 1, ix + 1) at fractions (fy, fx) [..., 1]."""
+    return (img[iy, ix] * (1 - fy) * (1 - fx) + img[iy + 1, ix] * fy * (1 - fx)
+            + img[iy, ix + 1] * (1 - fy) * fx + img[iy + 1, ix + 1] * fy * fx)
+
+
 def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A static textured background [h, w, 3] uint8: smooth colour noise, stripes, checks or a gradient."""
     return background_of_kind(int(rng.integers(4)), rng, h, w)
@@ -47,9 +53,7 @@ def background_of_kind(kind: int, rng: np.random.Generator, h: int, w: int) -> n
         small = rng.uniform(0, 255, size=(h // 24 + 2, w // 24 + 2, 3)).astype(np.float32)
         iy = np.clip((yy / 24).astype(int), 0, small.shape[0] - 2)
         ix = np.clip((xx / 24).astype(int), 0, small.shape[1] - 2)
-        fy, fx = (yy / 24 - iy)[..., None], (xx / 24 - ix)[..., None]
-        img = (small[iy, ix] * (1 - fy) * (1 - fx) + small[iy + 1, ix] * fy * (1 - fx)
-               + small[iy, ix + 1] * (1 - fy) * fx + small[iy + 1, ix + 1] * fy * fx)
+        img = bilinear(small, iy, ix, (yy / 24 - iy)[..., None], (xx / 24 - ix)[..., None])
     elif kind == 1:  # stripes at a random angle
         a, period = rng.uniform(0, math.pi), rng.uniform(10, 40)
         t = (np.sin((xx * math.cos(a) + yy * math.sin(a)) * 2 * math.pi / period) + 1) / 2
@@ -178,9 +182,7 @@ def camera_render(motion: str, scene_seed: int, motion_seed: int, frames: int, h
         sy = c + math.cos(ang) * qy - math.sin(ang) * qx
         sx = c + math.sin(ang) * qy + math.cos(ang) * qx
         y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
-        fy, fx = (sy - y0)[..., None], (sx - x0)[..., None]
-        img = (canvas[y0, x0] * (1 - fy) * (1 - fx) + canvas[y0 + 1, x0] * fy * (1 - fx)
-               + canvas[y0, x0 + 1] * (1 - fy) * fx + canvas[y0 + 1, x0 + 1] * fy * fx)
+        img = bilinear(canvas, y0, x0, (sy - y0)[..., None], (sx - x0)[..., None])
         out[t] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
     return out
 

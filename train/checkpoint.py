@@ -91,13 +91,16 @@ def lock_run_folder(folder: Path):
 
     Two runs writing one out_dir would overwrite each other's checkpoints and logs. flock is released by the
     kernel when the process exits, however it exits, so a killed run never leaves a stale lock behind.
-    Returns the open lock file; keep a reference to it."""
+    Returns the open lock file: the lock lasts as long as a reference to it does."""
     import fcntl
     folder.mkdir(parents=True, exist_ok=True)
     f = open(folder / ".lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if not isinstance(e, BlockingIOError):   # a file system without flock (some Lustre/NFS mounts): go on unlocked
+            warnings.warn(f"cannot lock {folder} ({e}); make sure no other run writes into it")
+            return f
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()

@@ -96,7 +96,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     ckpts = CheckpointManager(out_dir / "checkpoints", cfg["keep_ckpts"], d.is_main)
     if d.is_main:
         try:
-            run_lock = lock_run_folder(out_dir)   # noqa: F841 (held until the process exits)
+            run_lock = lock_run_folder(out_dir)   # noqa: F841 (held while this function runs)
         except RuntimeError as e:
             raise TrainingError(str(e)) from None
         tmp = out_dir / f".config.yaml.{os.getpid()}"
