@@ -94,6 +94,11 @@ def paste(frame: np.ndarray, mask: np.ndarray, colour: np.ndarray, y: float, x: 
 ACCELERATION = 1.6   # progress along the path = u ** ACCELERATION: every object speeds up (see `trajectory`)
 
 
+def speeding_up(n: int) -> np.ndarray:
+    """[n] progress from 0 to 1 over n frames, u ** ACCELERATION: slow at first, faster later."""
+    return (np.arange(n) / max(n - 1, 1)) ** ACCELERATION
+
+
 def trajectory(motion: str, rng: np.random.Generator, n: int, h: int, w: int, size: int) -> np.ndarray:
     """[n, 2] top-left (y, x) positions; the whole path stays inside the frame.
 
@@ -102,7 +107,7 @@ def trajectory(motion: str, rng: np.random.Generator, n: int, h: int, w: int, si
     time-reversed clips can be told apart (what `python -m evaluate temporal` measures). At constant speed
     the class set would be time-symmetric (reversed "right" = "left") and temporal order unlearnable."""
     margin = 4
-    progress = (np.arange(n) / max(n - 1, 1)) ** ACCELERATION
+    progress = speeding_up(n)
     if motion in ("right", "left", "up", "down"):
         along = w if motion in ("right", "left") else h
         travel = (along - size - 2 * margin) * rng.uniform(0.6, 1.0)
@@ -164,7 +169,7 @@ def camera_render(motion: str, scene_seed: int, motion_seed: int, frames: int, h
     turn = speed.uniform(0.5, 0.75) * math.pi * frames / 64         # radians over the video for the rolls
     side = int(math.ceil(math.hypot(h, w) + 2 * travel)) + 4
     canvas = camera_texture(scene, side, short / 240).astype(np.float32)
-    progress = (np.arange(frames) / max(frames - 1, 1)) ** ACCELERATION
+    progress = speeding_up(frames)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     py, px = yy - (h - 1) / 2, xx - (w - 1) / 2                     # output pixel relative to the frame centre
     c = (side - 1) / 2
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", choices=tuple(KINDS), default="object",
                    help="object: one object moves over a static scene, the classes are its motion (a background-bias "
                    "benchmark); camera: the whole picture pans or rolls, the classes are that motion (motion over "
-                   "the whole frame, which a small CPU-trained model can learn in minutes) (default: object)")
+                   "the whole frame, which a small model learns from labels in minutes on a CPU) (default: object)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.scenes < 0:
