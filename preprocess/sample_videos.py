@@ -82,6 +82,11 @@ def object_mask(shape: int, size: int) -> np.ndarray:
     return np.abs(yy - c) + np.abs(xx - c) <= c
 
 
+def object_side(rng: np.random.Generator, lo: int, hi: int, scale: float) -> int:
+    """A shape's side in pixels: drawn in [lo, hi) for a 240-px short side, times scale (short side / 240), >= 4."""
+    return max(4, round(int(rng.integers(lo, hi)) * scale))
+
+
 def paste(frame: np.ndarray, mask: np.ndarray, colour: np.ndarray, y: float, x: float) -> None:
     s = mask.shape[0]
     y0, x0 = int(round(y)), int(round(x))
@@ -132,10 +137,10 @@ def render(motion: str, scene_seed: int, motion_seed: int, frames: int, h: int, 
     scene = np.random.default_rng(scene_seed)
     bg = background(scene, h, w)
     scale = min(h, w) / 240                 # object sizes are drawn for a 240-px short side and scaled with it
-    size = max(4, round(int(scene.integers(24, 44)) * scale))
+    size = object_side(scene, 24, 44, scale)
     mask = object_mask(int(scene.integers(3)), size)
     colour = scene.uniform(0, 255, 3).astype(np.uint8)
-    d_mask = object_mask(int(scene.integers(3)), max(4, round(int(scene.integers(20, 40)) * scale)))
+    d_mask = object_mask(int(scene.integers(3)), object_side(scene, 20, 40, scale))
     d_colour = scene.uniform(0, 255, 3).astype(np.uint8)
     d_pos = scene.uniform(0, h - d_mask.shape[0]), scene.uniform(0, w - d_mask.shape[0])
     path = trajectory(motion, np.random.default_rng(motion_seed), frames, h, w, size)
@@ -152,7 +157,7 @@ def camera_texture(rng: np.random.Generator, side: int, scale: float) -> np.ndar
     everywhere (no stripes or gradients, whose motion is ambiguous or invisible along their direction)."""
     img = background_of_kind(0, rng, side, side)
     for _ in range(int(rng.integers(8, 16)) * max(1, round((side / 480) ** 2))):
-        m = object_mask(int(rng.integers(3)), max(4, round(int(rng.integers(20, 60)) * scale)))
+        m = object_mask(int(rng.integers(3)), object_side(rng, 20, 60, scale))
         paste(img, m, rng.uniform(0, 255, 3).astype(np.uint8), *rng.uniform(0, side - m.shape[0], 2))
     return img
 

@@ -87,7 +87,7 @@ class CheckpointManager:
 
 
 def lock_run_folder(folder: Path):
-    """Hold an exclusive lock on `folder`/.lock for this process's lifetime, or raise if another process holds it.
+    """Take an exclusive lock on `folder`/.lock, or raise if another process holds it.
 
     Two runs writing one out_dir would overwrite each other's checkpoints and logs. flock is released by the
     kernel when the process exits, however it exits, so a killed run never leaves a stale lock behind.
