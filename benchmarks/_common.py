@@ -1,7 +1,8 @@
-"""Shared by the benchmarks: time training steps of an objective the way the trainer runs them."""
+"""Shared by the benchmarks: the data they make when none is given, and timing training steps as the trainer runs them."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,3 +30,19 @@ def timed_steps(model, opt, batches, steps: int, precision: str, device) -> floa
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) / steps
+
+
+def sample_shards(root: Path, short_side: int = 256, **sample_kw) -> Path:
+    """The embedded synthetic sample (preprocess.sample_videos, ``sample_kw`` passed on) sharded into root/shards,
+    made once: a fresh checkout benchmarks without the demo's output or a download. Returns root/shards (train/,
+    test/)."""
+    from preprocess.cli import main as preprocess_main
+    from preprocess.sample_videos import make_sample_videos
+    root = Path(root)
+    if not (root / "shards" / "test" / "manifest.json").is_file():
+        make_sample_videos(root / "videos", progress=False, **sample_kw)
+        rc = preprocess_main([str(root / "videos"), str(root / "shards"), "--name", "synthetic", "--max-per-shard",
+                              "32", "--short-side", str(short_side), "--no-progress"])
+        if rc != 0:
+            raise SystemExit(f"sharding the synthetic sample into {root / 'shards'} failed")
+    return root / "shards"

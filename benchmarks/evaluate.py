@@ -30,16 +30,9 @@ from evaluate.context import make_runtime                          # noqa: E402
 from evaluate.data import open_split                               # noqa: E402
 from evaluate.features import extract_features, frozen, pooled, test_loop   # noqa: E402
 from evaluate.finetune import FineTuner                            # noqa: E402
+from benchmarks._common import sample_shards                       # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def synthetic_shards(tmp: Path) -> Path:
-    from preprocess.cli import main as preprocess_main
-    from preprocess.sample_videos import make_sample_videos
-    make_sample_videos(tmp / "videos", train_per_class=1, test_per_class=4, progress=False)
-    assert preprocess_main([str(tmp / "videos"), str(tmp / "shards"), "--name", "bench", "--no-progress"]) == 0
-    return tmp / "shards" / "test"
 
 
 def main() -> int:
@@ -60,7 +53,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = a.shards or (REPO / "demo_out/shards/test" if (REPO / "demo_out/shards/test/manifest.json").is_file()
-                              else synthetic_shards(Path(tmp)))
+                              else sample_shards(Path(tmp), train_per_class=1, test_per_class=4) / "test")
         rt = make_runtime(a.backend, "auto", a.num_threads, progress=False)
         split = open_split("test", Path(shards))
         backbone, info = load_backbone(a.checkpoint, a.backbone, random_init=not a.checkpoint)

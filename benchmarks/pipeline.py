@@ -1,7 +1,8 @@
 """Benchmark: the DALI pipeline's pretraining batches against a plain PyAV + torch DataLoader of the same views.
 
     python benchmarks/pipeline.py --shards OUT/train [--objective fima] [--batch 8] [--frames 16] [--crop 224]
-    python benchmarks/pipeline.py                       # shards ../shared/data/ucf101-mini into a temp folder
+    python benchmarks/pipeline.py                       # shards ../shared/data/ucf101-mini (else the synthetic
+                                                        # sample) into a temp folder
 
 Both sides produce the same batch (two windows per video; per window the global clip and, for FIMA, the two
 local halves; random-resized crop and flip per view; frame differences; colour twist, grayscale, blur and
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import AugConfig, ShardSet, pretrain_loader              # noqa: E402
 from pipeline import sampling                                         # noqa: E402
 from pipeline.config import OBJECTIVE_OUTPUTS                         # noqa: E402
+from benchmarks._common import sample_shards                          # noqa: E402
 
 UCF_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "ucf101-mini"
 
@@ -178,10 +180,11 @@ def main(argv=None) -> dict:
     if args.shards is None:
         from preprocess.cli import main as preprocess_main
         tmp = tempfile.TemporaryDirectory()
-        if not (UCF_MINI / "classInd.txt").is_file():
-            sys.exit(f"no --shards given and {UCF_MINI} is absent")
-        assert preprocess_main([str(UCF_MINI), tmp.name, "--format", "ucf101", "--no-progress"]) == 0
-        args.shards = Path(tmp.name) / "train"
+        if (UCF_MINI / "classInd.txt").is_file():
+            assert preprocess_main([str(UCF_MINI), tmp.name, "--format", "ucf101", "--no-progress"]) == 0
+            args.shards = Path(tmp.name) / "train"
+        else:   # a fresh checkout without the shared data: the embedded synthetic sample
+            args.shards = sample_shards(Path(tmp.name), train_per_class=2, test_per_class=1) / "train"
 
     cfg = AugConfig(num_frames=args.frames, crop_size=args.crop)
     outputs = OBJECTIVE_OUTPUTS[args.objective]

@@ -4,6 +4,7 @@
 * precision: videos/s of fp32 vs bf16 autocast + channels_last_3d, on the cached batch.
 All in one run (machines here are noisy); prints one JSON line. Same config presets and overrides as training:
 
+    python benchmarks/train.py                      # demo preset: demo_out/shards/train, or the synthetic sample
     python benchmarks/train.py --config demo data=demo_out/shards/train crop=64 [--steps 6]
     python benchmarks/train.py --config k400_i3d_fima data=shards/k400/train batch_size=16   # on a GPU
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from model import build_objective  # noqa: E402
 from pipeline import pretrain_loader  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.trainer import aug_config, build_optimizer, objective_kwargs  # noqa: E402
-from benchmarks._common import timed_steps  # noqa: E402
+from benchmarks._common import sample_shards, timed_steps  # noqa: E402
 
 
 def main() -> None:
@@ -32,6 +34,11 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     a = p.parse_args()
     cfg = load_config(a.config, a.overrides)
+    if not (Path(cfg["data"]) / "manifest.json").is_file():   # a fresh checkout: make the data, as the demo does
+        made = sample_shards(Path(tempfile.mkdtemp(prefix="bench-train-")), short_side=128, train_per_class=2,
+                             test_per_class=1)
+        print(f"{cfg['data']} holds no shard set: using the synthetic sample in {made}", file=sys.stderr)
+        cfg["data"] = str(made / "train")
     cuda = torch.cuda.is_available() and cfg["backend"] != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
     backend = "gpu" if cuda else "cpu"

@@ -12,10 +12,11 @@
 #   entrypoint.sh ANY OTHER COMMAND             run as it is (e.g. tensorboard --logdir runs)
 #
 # Launch settings of train and doctor, from the environment:
-#   NPROC_PER_NODE   processes on this node (default: the visible GPUs, or 1 without a GPU)
-#   NNODES           nodes (default 1 = a standalone rendezvous on this node; MIN:MAX is elastic)
-#   RDZV_ENDPOINT    host:port of the c10d rendezvous, needed when NNODES != 1
-#                    (default: $MASTER_ADDR:$MASTER_PORT, which a Kubeflow PyTorchJob sets)
+#   NPROC_PER_NODE   processes on this node (default: $PET_NPROC_PER_NODE, else the visible GPUs, or 1 without one)
+#   NNODES           nodes (default $PET_NNODES, else 1 = a standalone rendezvous on this node; MIN:MAX is elastic)
+#   RDZV_ENDPOINT    host:port of the c10d rendezvous, needed when NNODES != 1 (default: $MASTER_ADDR:$MASTER_PORT,
+#                    which a Kubeflow PyTorchJob sets, else $PET_MASTER_ADDR:$PET_MASTER_PORT, which a Kubeflow
+#                    Trainer v2 TrainJob sets)
 #   RDZV_ID          rendezvous id, the same on every node of one run (default: $SLURM_JOB_ID, else motionpretrain)
 #   RDZV_BACKEND     c10d (default) or static; static also needs NODE_RANK (0 .. NNODES-1)
 #   RDZV_CONF        extra rendezvous settings, e.g. join_timeout=900
@@ -63,7 +64,10 @@ count_gpus() {
 
 # torchrun's flags, from the environment (see the header), into the array LAUNCH.
 launch_args() {
-  local nproc="${NPROC_PER_NODE:-}" nnodes="${NNODES:-1}" backend="${RDZV_BACKEND:-c10d}"
+  # PET_*: what Kubeflow Trainer v2's torch runtime (TrainJob) sets for torchrun
+  local nproc="${NPROC_PER_NODE:-${PET_NPROC_PER_NODE:-}}" nnodes="${NNODES:-${PET_NNODES:-1}}"
+  local backend="${RDZV_BACKEND:-c10d}"
+  if [ "$nproc" = auto ]; then nproc=""; fi
   if [ -z "$nproc" ]; then
     nproc="$(count_gpus)"
     [ "$nproc" -gt 0 ] 2>/dev/null || nproc=1
@@ -76,6 +80,9 @@ launch_args() {
   else
     local endpoint="${RDZV_ENDPOINT:-}"
     if [ -z "$endpoint" ] && [ -n "${MASTER_ADDR:-}" ]; then endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}"; fi
+    if [ -z "$endpoint" ] && [ -n "${PET_MASTER_ADDR:-}" ]; then
+      endpoint="$PET_MASTER_ADDR:${PET_MASTER_PORT:-29500}"
+    fi
     [ -n "$endpoint" ] || die "NNODES=$nnodes needs RDZV_ENDPOINT=host:port (the first node), or MASTER_ADDR"
     if [ "$backend" = static ]; then
       [ -n "${NODE_RANK:-}" ] || die "RDZV_BACKEND=static needs NODE_RANK"

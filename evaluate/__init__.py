@@ -1,4 +1,4 @@
-"""evaluate/: the downstream protocols (DESIGN.md §6): `python -m evaluate {finetune,linear,retrieval,cam}`.
+"""evaluate/: the downstream protocols (DESIGN.md §6): `python -m evaluate {finetune,linear,retrieval,knn,cam,temporal,export}`.
 
 Reads a checkpoint of `python -m train` (the query encoder `encoder_q.*`) or a seeded random init, and labelled
 shard sets OUT/train and OUT/test from `python -m preprocess`; writes results.json, TensorBoard scalars and a
@@ -9,8 +9,8 @@ printed table per command. Imports pipeline/, model/ and the run machinery of tr
 * backbone.py     checkpoint -> backbone (architecture checks, weights hash), random init
 * data.py         shard sets, label / class checks, test and train sampling configs
 * features.py     the test-protocol loop over all ranks, the frozen-backbone guard, the feature cache
-* metrics.py      pure functions: per-video averaging, top-k accuracy, video features, Recall@k
-* finetune.py, linear.py, retrieval.py, cam.py   one module per command
+* metrics.py      pure functions: per-video averaging, top-k accuracy, video features, Recall@k, kNN votes
+* finetune.py, linear.py, retrieval.py, knn.py, cam.py, temporal.py, export.py   one module per command
 * report.py       results JSON, TensorBoard scalars, the table
 """
 from .metrics import average_per_video, cosine_similarity_matrix, recall_at_k, topk_accuracy, video_features

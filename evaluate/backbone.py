@@ -1,5 +1,6 @@
 """The backbone under evaluation: pretrained weights from a checkpoint, or a seeded random init (the baseline).
 
+Exported backbones (`python -m evaluate export`: OUT/ with backbone.safetensors and model_card.json) load too.
 Checkpoints from `python -m train` hold the objective's state dict ("model") and the run config ("config"); the
 backbone is the query encoder (`encoder_q.*`, as FAME/FIMA's eval.py takes it; projector, key encoder, decoder
 and queues are dropped). Fine-tuned checkpoints written by `python -m evaluate finetune` (`backbone.*`) and
@@ -93,14 +94,21 @@ def load_backbone(checkpoint: str | Path | None, backbone: str | None = None, ra
         raise EvalError("give --checkpoint CKPT (a file from `python -m train`), or --random-init [--backbone NAME] "
                         "for the random-init baseline")
     path = Path(checkpoint)
-    if path.is_dir():   # a run folder (or its checkpoints/ folder): its newest checkpoint
+    if path.is_dir() and not (path / "model_card.json").is_file():   # a run folder (or its checkpoints/ folder): its newest checkpoint
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         found = CheckpointManager(folder, is_main=False).paths()
         if not found:
             raise EvalError(f"{path} holds no ckpt-*.pt checkpoint (looked in {folder})")
         path = found[0]
-    state = CheckpointManager.load(path)
-    sd, config = backbone_state(state)
+    if path.suffix == ".safetensors" or (path / "model_card.json").is_file():   # `python -m evaluate export`
+        from .export import load_exported
+        sd, card = load_exported(path)
+        config = {**(card.get("pretrain_config") or {}), "backbone": card["backbone"],
+                  "backbone_width": card["backbone_width"]}
+        state = {"step": card.get("steps")}
+    else:
+        state = CheckpointManager.load(path)
+        sd, config = backbone_state(state)
     trained = config.get("backbone")
     if backbone and trained and backbone != trained:
         raise EvalError(f"{path} was trained with backbone {trained!r} (its config), not {backbone!r}: drop --backbone "

@@ -11,7 +11,11 @@ COMMANDS = {
     "finetune": "fine-tune backbone + dropout + linear on the train split; top-1/top-5 on the test split (last epoch)",
     "linear": "linear probe on frozen, cached clip features; top-1/top-5 with the same test protocol",
     "retrieval": "nearest-neighbour retrieval, test videos query the train gallery; Recall@1/5/10/20/50",
+    "knn": "weighted k-nearest-neighbour classification on frozen, L2-normalised video features (the same cache as "
+           "linear and retrieval); top-1/top-5",
     "cam": "class-agnostic activation maps overlaid on frames: PNG grids and MP4/GIF for a list of videos",
+    "export": "write the backbone as safetensors plus a model card (objective, config, data manifest hash, steps, "
+              "evaluation results) that --checkpoint accepts back",
     "temporal": "temporal-order accuracy (forward vs time-reversed clips, bias-free linear head on frozen pooled "
                 "features) and that head's maps overlaid on frames",
 }
@@ -19,6 +23,7 @@ COMMANDS = {
 EXAMPLES = """examples:
   python -m evaluate linear    --checkpoint runs/fima/checkpoints/ckpt-00001000.pt --data shards/ucf101
   python -m evaluate retrieval --checkpoint runs/fima/checkpoints/ckpt-00001000.pt --data shards/ucf101
+  python -m evaluate knn       --checkpoint runs/fima --data shards/ucf101 --knn-k 20
   python -m evaluate finetune  --checkpoint CKPT --data shards/hmdb51 --protocol coclr
   torchrun --nproc-per-node=8 -m evaluate finetune --checkpoint CKPT --data shards/ucf101
   python -m evaluate cam       --checkpoint CKPT --data shards/ucf101 --videos 0 17 v_Archery_g01_c01
@@ -30,6 +35,11 @@ EXAMPLES = """examples:
 --data OUT reads OUT/train and OUT/test (from `python -m preprocess SRC OUT`; UCF101/HMDB51 split 1-3 and
 Diving48 are chosen when sharding: --format ucf101|hmdb51|diving48 --split N). Results: OUT_DIR/results.json,
 TensorBoard scalars in OUT_DIR/tb, and a table on stdout."""
+
+
+EXPORT_EXAMPLE = """example:
+  python -m evaluate export --checkpoint runs/ucf101_i3d_fima --out fima-ucf101-i3d
+  python -m evaluate linear --checkpoint fima-ucf101-i3d --data shards/hmdb51      # a colleague, with that folder"""
 
 
 def _preset_default(key: str, command: str) -> str:
@@ -50,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cmd, text in COMMANDS.items():
+        if cmd == "export":
+            sp = sub.add_parser(cmd, help=text, description=f"{text}.", epilog=EXPORT_EXAMPLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+            sp.add_argument("--checkpoint", metavar="CKPT", required=True, help="checkpoint of `python -m train` or "
+                            "`python -m evaluate finetune`, or a run folder (its newest checkpoint)")
+            sp.add_argument("--out", metavar="DIR", type=Path, help="output folder (default: <run or file name>-export)")
+            sp.add_argument("--results", metavar="JSON", nargs="+", type=Path, help="results.json files to put in the "
+                            "model card besides those found under the run folder's eval/")
+            continue
         sp = sub.add_parser(cmd, help=text, description=f"{text}.\n\nProtocol presets (--protocol):\n"
                             + "\n".join(f"  {n}: {pr['note']}" for n, pr in PRESETS.items()),
                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
@@ -69,10 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--test", metavar="DIR", help="test shard set (instead of --data)")
         g.add_argument("--out", metavar="DIR", type=Path, help="results folder (default: RUN/eval/<dataset>-<command> "
                        "next to the checkpoint's run folder, or runs/eval-random-<backbone>/<dataset>-<command>)")
-        if cmd in ("linear", "retrieval", "temporal"):
+        if cmd in ("linear", "retrieval", "knn", "temporal"):
             g.add_argument("--cache-dir", metavar="DIR", type=Path, help="feature cache (default $EVAL_CACHE or "
                            "~/.cache/motionpretrain/eval-features); keyed by weights, data and sampling settings, "
-                           "shared by linear and retrieval")
+                           "shared by linear, retrieval and knn")
             g.add_argument("--no-cache", action="store_true", help="extract features without reading or writing the cache")
         g = sp.add_argument_group("protocol (every value overrides the preset)")
         g.add_argument("--protocol", default="fima", choices=sorted(PRESETS),
@@ -130,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
     from .protocols import resolve
 
     cmd = args.command
+    if cmd == "export":
+        from .export import run as export_run
+        return export_run(args)
     if args.random_init and args.checkpoint:
         raise EvalError("--random-init and --checkpoint exclude each other")
     need = (args.split,) if cmd == "cam" else ("train", "test")
@@ -143,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     s |= {"protocol": args.protocol, "seed": args.seed}
     rt = make_runtime(args.backend, args.precision, args.num_threads, not args.no_progress)
     cache = None
-    if cmd in ("linear", "retrieval", "temporal") and not args.no_cache:
+    if cmd in ("linear", "retrieval", "knn", "temporal") and not args.no_cache:
         cache = args.cache_dir or DEFAULT_CACHE
     extra = {k: getattr(args, k) for k in ("resume", "split", "videos", "map", "map_clips", "alpha", "grid_frames", "tile",
                                            "movie", "fps") if hasattr(args, k)}

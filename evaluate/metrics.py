@@ -4,6 +4,7 @@
 * ``topk_accuracy(scores, labels, ks)``: a video counts for top-k when fewer than k classes score strictly
   higher than its true class (ties count in its favour, so the result never depends on sort order).
 * ``video_features(feats, index)``: per-video feature = mean of the L2-normalised clip features.
+* ``knn_scores(query, gallery, gallery_labels, num_classes, k, T)``: weighted kNN votes per class (train/monitor.py).
 * ``recall_at_k(sim, query_labels, gallery_labels, ks)``: a query is a hit at k when any of its k most
   similar gallery items has its class (the field's "R@k", a hit rate; ties broken by gallery order).
 """
@@ -13,6 +14,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from train.monitor import knn_scores  # noqa: F401  (one definition, shared with the training monitor)
 
 AVERAGES = ("softmax", "logits")
 
@@ -89,3 +92,4 @@ def recall_at_k(sim, query_labels, gallery_labels, ks: Sequence[int] = (1, 5, 10
     match = gl[order] == ql[:, None]                                         # Q x G
     first_hit = torch.where(match.any(1), match.int().argmax(1), torch.full_like(ql, len(gl)))
     return {int(k): float((first_hit < k).double().mean()) for k in ks}
+

@@ -7,8 +7,8 @@ compares the recipes; what our pipeline cannot reproduce exactly is said in each
 from __future__ import annotations
 
 # key: (type, help, commands it applies to). Every key is a --flag (underscores become dashes).
-ALL = ("finetune", "linear", "retrieval", "cam", "temporal")
-FEAT = ("finetune", "linear", "retrieval", "temporal")
+ALL = ("finetune", "linear", "retrieval", "knn", "cam", "temporal")
+FEAT = ("finetune", "linear", "retrieval", "knn", "temporal")
 TRAINED = ("finetune", "linear", "temporal")           # commands that train something (a model, a probe, a head)
 KEYS: dict[str, tuple[type, str, tuple[str, ...]]] = {
     # sampling (all commands)
@@ -45,12 +45,18 @@ KEYS: dict[str, tuple[type, str, tuple[str, ...]]] = {
     "center": (str, "retrieval: subtract each split's mean feature before cosine similarity (yes/no); both are "
                     "reported, this picks the headline", ("retrieval",)),
     "ks": (str, "retrieval: comma-separated k of Recall@k", ("retrieval",)),
+    "knn_k": (int, "kNN: neighbours that vote (weighted by exp(cosine / knn_temperature))", ("knn",)),
+    "knn_temperature": (float, "kNN: temperature of the vote weights", ("knn",)),
 }
 
 # the multi-level paper's temporal-order head (visualization/main_temporal.py): bias-free Linear(C, 2) on pooled
 # last-layer features, Adam 1e-3, wd 1e-3, 50 epochs, x0.1 at 30, batch 256; the same under both presets
 TEMPORAL = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-3, "epochs": 50, "milestones": "30",
             "lr_decay": 0.1, "probe_batch": 256, "test_clips": 4, "test_crops": 1}
+
+# weighted kNN on L2-normalised frozen features (Wu et al. 2018; DINO's eval_knn: k 20, T 0.07); the same under
+# both presets
+KNN = {"knn_k": 20, "knn_temperature": 0.07}
 
 FIMA = {
     "note": "FAME/FIMA eval.py: SGD lr 0.01 at batch 16, wd 1e-4, 150 epochs, x0.1 at 60 and 120, dropout 0.7 UCF101 / "
@@ -64,6 +70,7 @@ FIMA = {
     "linear": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "epochs": 100, "milestones": "60,80", "lr_decay": 0.1,
                "probe_batch": 256},
     "retrieval": {"center": "no", "ks": "1,5,10,20,50"},
+    "knn": KNN,
     "cam": {"test_clips": 1},
     "temporal": TEMPORAL,
 }
@@ -81,6 +88,7 @@ COCLR = {
     "linear": {"lr": 1.0, "momentum": 0.9, "weight_decay": 1e-3, "epochs": 100, "milestones": "60,80", "lr_decay": 0.1,
                "probe_batch": 1024},
     "retrieval": {"center": "yes", "ks": "1,5,10,20,50"},
+    "knn": KNN,
     "cam": {"test_clips": 1, "test_crops": 1},
     "temporal": TEMPORAL,
 }
@@ -122,7 +130,7 @@ def parse_ints(text: str | list | tuple) -> list[int]:
 def _check(s: dict) -> None:
     if s.get("test_crops", 1) not in (1, 3):
         raise ValueError(f"--test-crops {s['test_crops']}: choose 1 or 3")
-    for key in ("frames", "stride", "crop", "test_clips", "batch_size", "probe_batch"):
+    for key in ("frames", "stride", "crop", "test_clips", "batch_size", "probe_batch", "knn_k"):
         if key in s and s[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, not {s[key]}")
     if s["frames"] < 2 or s["crop"] < 16:
@@ -141,5 +149,7 @@ def _check(s: dict) -> None:
                 parse_ints(s[key])
             except ValueError:
                 raise ValueError(f"--{key} {s[key]!r}: give comma-separated integers, e.g. 60,120") from None
+    if "knn_temperature" in s and s["knn_temperature"] <= 0:
+        raise ValueError(f"--knn-temperature {s['knn_temperature']}: must be positive")
     if "dropout" in s and not 0 <= s["dropout"] < 1:
         raise ValueError(f"--dropout {s['dropout']}: must be in [0, 1)")

@@ -8,6 +8,11 @@ Per training step, inside forward (as the reference does): one EMA update of the
 any key forward (`momentum_update`), key forwards with shuffle-BN across ranks, and after the logits the
 keys are enqueued (k_n, then k_m). EMA and queue updates happen only in training mode, so an eval-mode
 forward leaves the state unchanged.
+`bn_groups=G > 1` emulates shuffle-BN on one process, as MoCo's single-GPU demo does ("split BN"): in
+training mode the query encoder runs on G consecutive sub-batches and the key encoder on G sub-batches of a
+randomly permuted batch, so BatchNorm statistics come from sub-batches and a query and its positive key are
+normalised with different samples (MoCo section 3.3: otherwise the positive can be told from the queue by the
+batch statistics it shares with its query). With several processes shuffle-BN is real and G stays 1.
 `self_negative_bug=True` reproduces the reference: the n -> m logits are formed after k_n was
 enqueued, so q_n meets its own key as a negative. Default False: both directions see the queue as it
 was before the step.
@@ -42,10 +47,13 @@ class MoCo(nn.Module):
 
     def __init__(
         self, backbone: str | Callable[[], nn.Module] = "i3d", *, dim: int = 128, K: int = 65536, m: float = 0.999,
-        T: float = 0.1, self_negative_bug: bool = False, backbone_kwargs: dict | None = None,
+        T: float = 0.1, self_negative_bug: bool = False, bn_groups: int = 1, backbone_kwargs: dict | None = None,
     ):
         super().__init__()
         self.m, self.T, self.self_negative_bug = m, T, self_negative_bug
+        if bn_groups < 1:
+            raise ValueError(f"bn_groups must be at least 1, got {bn_groups}")
+        self.bn_groups = bn_groups
         self.encoder_q = resolve_backbone(backbone, **(backbone_kwargs or {}))
         self.projector_q = Projector(self.encoder_q.feature_dim, dim)
         self.encoder_k = copy.deepcopy(self.encoder_q)
@@ -72,15 +80,29 @@ class MoCo(nn.Module):
         """Key encoder on x [B, 3, T, H, W] with shuffle-BN; `head` maps the feature map to per-sample
         outputs (computed on the shuffled batch), which are returned in the original order."""
         x, idx_unshuffle = batch_shuffle(x)
-        outs = head(self.encoder_k(x))
+        if self.training and self.bn_groups > 1:   # one-process shuffle-BN: sub-batches of a permuted batch
+            perm = torch.randperm(x.shape[0], device=x.device)  # B
+            outs = head(self._grouped(self.encoder_k, x[perm]))
+            outs = tuple(o[torch.argsort(perm)] for o in outs)
+        else:
+            outs = head(self.encoder_k(x))
         return tuple(batch_unshuffle(o, idx_unshuffle) for o in outs)
+
+    def _grouped(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """encoder on bn_groups consecutive sub-batches of x (BatchNorm statistics per sub-batch), concatenated."""
+        if not self.training or self.bn_groups == 1:
+            return encoder(x)
+        if x.shape[0] < 2 * self.bn_groups:
+            raise ValueError(f"bn_groups={self.bn_groups} needs at least 2 samples per group, the batch has "
+                             f"{x.shape[0]}: lower bn_groups or raise the batch size")
+        return torch.cat([encoder(c) for c in x.chunk(self.bn_groups)])
 
     def _embed_k(self, fmap: torch.Tensor) -> tuple[torch.Tensor]:
         return (F.normalize(self.projector_k(fmap.mean(dim=(2, 3, 4))), dim=1),)  # B x dim
 
     def encode_q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query encoder: x [B, 3, T, H, W] -> (feature map [B, C, T', H', W'], q [B, dim] unit)."""
-        fmap = self.encoder_q(x)  # B x C x T' x H' x W'
+        fmap = self._grouped(self.encoder_q, x)  # B x C x T' x H' x W'
         q = F.normalize(self.projector_q(fmap.mean(dim=(2, 3, 4))), dim=1)  # B x dim
         return fmap, q
 

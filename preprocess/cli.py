@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("encoding")
     g.add_argument("--codec", default="vp9", choices=("vp9", "h264"),
                    help="vp9 is decoded by DALI on CPU and GPU; h264 only on GPU (NVDEC)")
-    g.add_argument("--short-side", type=int, default=256, help="scale so the shorter side is this (aspect kept, sides even)")
+    g.add_argument("--short-side", type=int, default=256, help="scale so the shorter side is this (a multiple of "
+                   "--align); the long side keeps the aspect, rounded to the nearest multiple of --align")
+    g.add_argument("--align", type=int, default=16, help="both sides a multiple of this (default 16, the H.264/VP9 "
+                   "block size: coded size = display size, so DALI's GPU decoder cache hits); 2 = sides only even, "
+                   "as before this option")
     g.add_argument("--size", type=parse_size, default=None, metavar="WxH",
                    help="scale every video to exactly WxH instead (one coded size keeps DALI's GPU decoder cache hot)")
     g.add_argument("--gop", type=int, default=16, help="keyframe interval in frames (DALI decodes from the preceding keyframe)")
@@ -95,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _work_paths(work: Path, key: str) -> tuple[Path, Path, Path]:
     return work / f"{key}.mp4", work / f"{key}.json", work / f"{key}.skip.json"
+
+
+def check_alignment(short_side: int, size: tuple[int, int] | None, align: int) -> None:
+    """--short-side / --size must be multiples of --align (an even number)."""
+    if align < 2 or align % 2:
+        raise LayoutError(f"--align {align}: give an even number (16: the codec block size; 2: sides only even)")
+    sides = {"--size width": size[0], "--size height": size[1]} if size else {"--short-side": short_side}
+    for name, v in sides.items():
+        if v % align:
+            lo, hi = v - v % align, v - v % align + align
+            raise LayoutError(f"{name} {v} is not a multiple of --align {align}: a padded coded size makes DALI's GPU "
+                              f"decoder cache miss on every sample; use {lo or hi} or {hi}, or --align 2 to accept it")
 
 
 def _source_stamp(path: Path) -> dict:
@@ -137,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
     ds = read_dataset(args.format, src, args.annotations, args.split)
     name = args.name or (src.name if args.format == "folders" else args.format)
     name = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
+    check_alignment(args.short_side, args.size, args.align)
     enc = Encoding(codec=args.codec, short_side=args.short_side, size=args.size, gop=args.gop, crf=args.crf,
-                   threads=args.threads_per_video, min_frames=args.min_frames)
+                   threads=args.threads_per_video, min_frames=args.min_frames, align=args.align)
     settings = {"encoding": enc.as_dict(), "format": args.format, "split": args.split, "name": name}
     if not ds.videos:
         print(f"error: no videos found in {src} for --format {args.format}", file=sys.stderr)

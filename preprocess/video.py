@@ -36,6 +36,9 @@ class Encoding:
     codec: str = "vp9"          # vp9 (CPU+GPU decodable) or h264 (GPU-only decode in DALI)
     short_side: int = 256       # ignored when `size` is set
     size: tuple[int, int] | None = None   # fixed (width, height): one coded size keeps DALI's NVDEC cache hot
+    # both sides a multiple of this: the codec's block size (16), so coded size = display size and DALI's GPU
+    # decoder cache can reuse a decoder (DESIGN.md §8); 2 = the sides-even rule of shard sets made before it
+    align: int = 16
     gop: int = 16               # keyframe every `gop` frames: DALI decodes from the preceding keyframe
     crf: int = 32
     threads: int = 1            # ffmpeg threads per video; parallelism comes from running one video per core
@@ -56,12 +59,17 @@ class Encoding:
     def scale_filter(self) -> tuple[str, str]:
         if self.size:
             return str(self.size[0]), str(self.size[1])
-        s = self.short_side
-        # landscape: height s, width even and aspect-preserving; portrait/square: width s
-        return f"if(gt(iw,ih),-2,{s})", f"if(gt(iw,ih),{s},-2)"
+        s, a = self.short_side, self.align
+        if a <= 2:   # landscape: height s, width even and aspect-preserving; portrait/square: width s
+            return f"if(gt(iw,ih),-2,{s})", f"if(gt(iw,ih),{s},-2)"
+        # the long side: the aspect-preserving length rounded to the nearest multiple of `a` (the aspect changes by
+        # at most a/2 pixels, 2.3 % at 342 -> 336; no padding, so no black borders enter the crops)
+        return (f"if(gt(iw,ih),trunc(iw*{s}/ih/{a}+0.5)*{a},{s})", f"if(gt(iw,ih),{s},trunc(ih*{s}/iw/{a}+0.5)*{a})")
 
     def as_dict(self) -> dict:
         d = asdict(self)
+        if self.align == 2:   # the manifests of shard sets made before `align` existed: read back unchanged
+            del d["align"]
         d["container"] = "mp4"
         d["pix_fmt"] = "yuv420p"
         return d

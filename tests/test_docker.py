@@ -96,7 +96,9 @@ def k8s_docs() -> dict[str, list[dict]]:
 
 
 def containers(doc: dict) -> list[dict]:
-    """Every container spec in a Job or PyTorchJob."""
+    """Every container spec in a Job, PyTorchJob or TrainJob (its trainer, as a container with args)."""
+    if doc["kind"] == "TrainJob":
+        return [{"name": "node", **doc["spec"]["trainer"]}]
     if doc["kind"] == "PyTorchJob":
         specs = [r["template"]["spec"] for r in doc["spec"]["pytorchReplicaSpecs"].values()]
     elif doc["kind"] == "Job":
@@ -176,6 +178,29 @@ def test_yaml_files_parse_and_have_the_expected_shape():
         assert {v["persistentVolumeClaim"]["claimName"] for v in vols.values() if "persistentVolumeClaim" in v} <= claims
         assert spec["terminationGracePeriodSeconds"] > int(env["SHUTDOWN_TIMEOUT"])
 
+    # the Trainer v2 form: same image, entry point, arguments, launch settings and volumes as the PyTorchJob
+    (tj,) = docs["trainjob.yaml"]
+    assert tj["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and tj["kind"] == "TrainJob"
+    assert tj["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    trainer = tj["spec"]["trainer"]
+    (legacy,) = containers(job)[:1]
+    assert trainer["image"] == legacy["image"] and trainer["args"] == legacy["args"]
+    assert trainer["command"] == ["/app/docker/entrypoint.sh"]
+    tenv = {e["name"]: e.get("value") for e in trainer["env"]}
+    lenv = {e["name"]: e.get("value") for e in legacy["env"]}
+    assert trainer["numNodes"] == int(lenv["NNODES"]) and trainer["numProcPerNode"] == int(lenv["NPROC_PER_NODE"])
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == trainer["numProcPerNode"]
+    assert {k: tenv[k] for k in ("DOCTOR_FIRST", "SHUTDOWN_TIMEOUT", "RDZV_ID")} == \
+        {k: lenv[k] for k in ("DOCTOR_FIRST", "SHUTDOWN_TIMEOUT", "RDZV_ID")}
+    (override,) = tj["spec"]["podTemplateOverrides"]
+    ospec = override["spec"]
+    assert override["targetJobs"] == [{"name": "node"}]
+    assert ospec["terminationGracePeriodSeconds"] > int(tenv["SHUTDOWN_TIMEOUT"])
+    (octr,) = ospec["containers"]
+    assert octr["volumeMounts"] == legacy["volumeMounts"]
+    lspec = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert ospec["volumes"] == lspec["volumes"] and ospec["securityContext"] == lspec["securityContext"]
+
     (shard_job,) = docs["preprocess-job.yaml"]
     assert shard_job["spec"]["completionMode"] == "Indexed"
     (ctr,) = containers(shard_job)
@@ -237,11 +262,12 @@ def test_deployments_call_the_entry_points_of_the_readmes():
     assert f'CONFIG="${{CONFIG:-{PRESET}}}"' in sbatch
     (train_line,) = [line for line in sbatch.splitlines() if '"$ENTRY" train' in line]
     assert '--config "$CONFIG"' in train_line and train_line.rstrip(" &").endswith("--resume auto")
-    # the Kubernetes pods keep the image's ENTRYPOINT
+    # the Kubernetes pods keep the image's ENTRYPOINT (a TrainJob names it: its runtime brings a command of its own)
     for name, docs in k8s_docs().items():
         for doc in docs:
             for c in containers(doc):
-                assert "command" not in c, f"{name}: `command` would bypass docker/entrypoint.sh"
+                assert c.get("command", ["/app/docker/entrypoint.sh"]) == ["/app/docker/entrypoint.sh"], \
+                    f"{name}: `command` would bypass docker/entrypoint.sh"
     # every preprocess call passes flags that `python -m preprocess` accepts
     parser = build_parser()
     for where, argv in calls:
@@ -312,6 +338,10 @@ def test_entrypoint_launch_settings_from_the_environment():
     assert "--rdzv-endpoint=job-master-0:23456" in dry_run("train", NNODES="2", MASTER_ADDR="job-master-0",
                                                             MASTER_PORT="23456")
     assert "--rdzv-id=99" in dry_run("train", NNODES="2", RDZV_ENDPOINT="n:1", SLURM_JOB_ID="99")
+    # a Kubeflow Trainer v2 TrainJob's torch runtime sets PET_* instead
+    pet = dry_run("train", PET_NNODES="2", PET_NPROC_PER_NODE="8", PET_MASTER_ADDR="tj-node-0-0.tj",
+                  PET_MASTER_PORT="29400", PET_NODE_RANK="1")
+    assert {"--nnodes=2", "--nproc-per-node=8", "--rdzv-endpoint=tj-node-0-0.tj:29400"} <= set(pet)
     static = dry_run("train", NNODES="2", RDZV_ENDPOINT="n0:29500", RDZV_BACKEND="static", NODE_RANK="1")
     assert {"--node-rank=1", "--master-addr=n0", "--master-port=29500"} <= set(static)
     p = run_entry("train", NNODES="2", DRY_RUN="1")

@@ -87,6 +87,7 @@ def test_all_cpu_checks_pass_gpu_checks_skip_and_the_json_holds_measurements(ful
     assert m["data.read"]["mb_per_s"] > 0 and m["data.read"]["videos_per_s"] > 0
     assert m["data.read"]["need_videos_per_s"] > 0 and "train.step" in m["data.read"]["need_basis"]
     assert m["decode.cache"]["one_size"] and m["decode.codec"]["fourccs"] == ["vp09"]
+    assert m["decode.cache"]["cache_friendly"] and m["decode.cache"]["sizes"] == {"336x256": 8}   # 320x240 -> 16-aligned
     assert m["decode.cpu"]["videos"] == 8 and m["decode.cpu"]["videos_per_s"] > 0
     assert {"rgb_m", "diff_m1", "box_n"} <= set(m["decode.cpu"]["outputs"])
     step = m["train.step"]
@@ -169,6 +170,37 @@ def test_h264_shards_on_the_cpu_backend(sample_videos, tmp_path):
     assert checks(report)["decode.codec"]["status"] == "PASS"
     assert checks(report)["decode.gpu"]["status"] == "FAIL" and "backend=gpu needs a CUDA device" in \
         checks(report)["decode.gpu"]["fix"]
+
+
+def test_new_shards_are_16_aligned_and_old_unaligned_ones_are_reported_with_the_fix(sample_videos, tmp_path):
+    """Default --align 16: 320x240 sources at short side 128 become 176x128 (not 170x128), which the doctor calls
+    cache-friendly; shards made the old way (--align 2: sides only even) are reported with the re-shard command."""
+    src = tmp_path / "src"
+    for cls in ("left", "right"):
+        (src / cls).mkdir(parents=True)
+        shutil.copy(sorted((sample_videos / "train" / cls).glob("*.mp4"))[0], src / cls)
+    sizes = {}
+    for name, extra in (("new", []), ("old", ["--align", "2"])):
+        p = subprocess.run([sys.executable, "-m", "preprocess", str(src), str(tmp_path / name), "--short-side", "128",
+                            "--no-progress", *extra], cwd=REPO, capture_output=True, text=True, env=ENV1, timeout=300)
+        assert p.returncode == 0, p.stderr
+        m = json.loads((tmp_path / name / "train" / "manifest.json").read_text())
+        sizes[name] = m["frame_sizes"]
+        rc, out, err, report = doctor("--config", "demo", f"data={tmp_path / name / 'train'}", *TINY, "backend=cpu",
+                                      "--only", "decode.cache", "--samples", "2")
+        c = checks(report)["decode.cache"]
+        assert c["status"] == "PASS", c            # on the CPU backend the cache does not matter: PASS with the note
+        if name == "new":
+            assert c["measured"]["cache_friendly"] and "16-aligned" in c["figure"] and not c["fix"]
+            assert m["encoding"]["align"] == 16
+        else:
+            assert not c["measured"]["cache_friendly"] and c["measured"]["unaligned"] == ["170x128"]
+            assert "not a multiple of 16" in c["fix"] and "--short-side 128" in c["fix"]
+            assert "align" not in m["encoding"]    # the old manifests' encoding record, unchanged
+    assert sizes == {"new": {"176x128": 2}, "old": {"170x128": 2}}
+    p = subprocess.run([sys.executable, "-m", "preprocess", str(src), str(tmp_path / "bad"), "--short-side", "100",
+                        "--no-progress"], cwd=REPO, capture_output=True, text=True, env=ENV1, timeout=300)
+    assert p.returncode != 0 and "--short-side 100 is not a multiple of --align 16" in p.stderr and "96 or 112" in p.stderr
 
 
 def test_a_config_that_does_not_fit_the_memory_limit(full_run, data):

@@ -115,6 +115,68 @@ def test_retrieval_end_to_end_matches_an_independent_computation(synthetic_shard
     assert r["recall"]["50"] == 1.0                    # 24 gallery videos hold every class
 
 
+def test_knn_end_to_end_matches_an_independent_computation(synthetic_shards, ckpt, cache, tmp_path, capsys):
+    """Reads the cache linear and retrieval wrote; the weighted vote recomputed here in numpy from that cache."""
+    out = tmp_path / "knn"
+    assert main(["knn", "--checkpoint", str(ckpt), "--data", str(synthetic_shards), "--cache-dir", str(cache),
+                 "--out", str(out), "--knn-k", "5", "--knn-temperature", "0.1", *FAST]) == 0
+    res = results(out)
+    r = res["result"]
+    assert r["features"]["train"]["cached"] and r["features"]["test"]["cached"]
+    assert (r["k"], r["temperature"], r["test_videos"], r["train_videos"]) == (5, 0.1, 12, 24)
+    rows = {n: torch.load(r["features"][n]["path"], weights_only=True)["rows"] for n in ("train", "test")}
+
+    def per_video(rw):
+        f = rw["out"].double().numpy()
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        ids = sorted(set(rw["index"].tolist()))
+        v = np.stack([f[rw["index"].numpy() == i].mean(0) for i in ids])
+        return v / np.linalg.norm(v, axis=1, keepdims=True), np.array([int(rw["label"][rw["index"] == i][0]) for i in ids])
+
+    (g, gl), (q, ql) = per_video(rows["train"]), per_video(rows["test"])
+    for k, expected in ((5, r["top1"]), (1, r["top1_by_k"]["1"]), (20, r["top1_by_k"]["20"])):
+        hits = []
+        for i in range(len(q)):
+            sim = g @ q[i]
+            votes = np.zeros(6)
+            for j in np.argsort(-sim, kind="stable")[:k]:
+                votes[gl[j]] += np.exp(sim[j] / 0.1)
+            hits.append(votes.argmax() == ql[i])
+        assert expected == pytest.approx(np.mean(hits)), k
+    assert "top-1 (%)" in capsys.readouterr().out and (out / "tb").is_dir()
+    with pytest.raises(SystemExit):
+        main(["knn", "--random-init", "--data", str(synthetic_shards), "--epochs", "3"])   # not a knn flag
+
+
+def test_export_writes_safetensors_and_a_model_card_that_checkpoint_accepts_back(synthetic_shards, ckpt, cache,
+                                                                                   tmp_path):
+    from safetensors import safe_open
+    run_dir = ckpt.parent.parent
+    (run_dir / "eval" / "x-knn").mkdir(parents=True, exist_ok=True)
+    knn_args = ["knn", "--data", str(synthetic_shards), "--cache-dir", str(cache), *FAST]
+    assert main([*knn_args, "--checkpoint", str(ckpt), "--out", str(run_dir / "eval" / "x-knn")]) == 0
+    out = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    backbone, info = load_backbone(ckpt)
+    assert (card["objective"], card["backbone"], card["backbone_width"], card["steps"]) == ("fima", "i3d", 0.25, 7)
+    assert card["weights_sha256"] == info["sha256"] and card["pretrain_config"]["queue_size"] == 64
+    assert [e["command"] for e in card["evaluations"]] == ["knn"]
+    assert card["evaluations"][0]["result"]["top1"] == results(run_dir / "eval" / "x-knn")["result"]["top1"]
+    with safe_open(str(out / "backbone.safetensors"), "pt") as f:   # the backbone only: no key encoder, no queue
+        assert set(f.keys()) == set(backbone.state_dict()) and f.metadata()["backbone"] == "i3d"
+    # --checkpoint takes the folder (or the file) back: same weights, same hash, so the feature cache is shared
+    for given in (out, out / "backbone.safetensors"):
+        again, info2 = load_backbone(given)
+        assert info2["sha256"] == info["sha256"] and info2["backbone_width"] == 0.25 and info2["step"] == 7
+    assert main([*knn_args, "--checkpoint", str(out), "--out", str(tmp_path / "k2")]) == 0
+    r2 = results(tmp_path / "k2")["result"]
+    assert r2["features"]["test"]["cached"] and r2["top1"] == card["evaluations"][0]["result"]["top1"]
+    (out / "model_card.json").write_text(json.dumps({**card, "format": "something-else"}))
+    with pytest.raises(ValueError, match="format"):
+        load_backbone(out)
+
+
 def test_finetune_end_to_end_then_resume(synthetic_shards, ckpt, tmp_path, capsys):
     out = tmp_path / "ft"
     args = ["finetune", "--checkpoint", str(ckpt), "--data", str(synthetic_shards), "--out", str(out), *FAST]

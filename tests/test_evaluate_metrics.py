@@ -116,3 +116,19 @@ def test_linear_probe_trains_only_the_linear_layer_and_is_deterministic():
     assert [n for n, p in a.named_parameters()] == ["fc.weight", "fc.bias"]
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert (a(feats).argmax(1) == labels).float().mean() > 0.9
+
+
+def test_knn_scores_on_a_hand_made_gallery():
+    """Weighted kNN: the k most cosine-similar gallery items vote with weight exp(cos / T), recomputed by hand."""
+    from evaluate.metrics import knn_scores
+    gallery = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0], [0.6, -0.8]])
+    labels = torch.tensor([0, 1, 1, 2, 2])
+    query = torch.tensor([[2.0, 0.0]])                       # unit [1, 0]: cosines 1, 0.8, 0, -1, 0.6
+    s = knn_scores(query, gallery, labels, 3, k=3, T=0.5)
+    assert s.shape == (1, 3)
+    assert s[0].tolist() == pytest.approx([math.exp(1 / 0.5), math.exp(0.8 / 0.5), math.exp(0.6 / 0.5)])
+    # k=1: the nearest decides; a large k with a small T still lets the nearest neighbours dominate
+    assert knn_scores(query, gallery, labels, 3, k=1).argmax(1).tolist() == [0]
+    assert knn_scores(query, gallery, labels, 3, k=5, T=0.01).argmax(1).tolist() == [0]
+    with pytest.raises(ValueError, match="labels"):
+        knn_scores(query, gallery, labels[:3], 3)

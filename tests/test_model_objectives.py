@@ -235,3 +235,34 @@ def test_fima_forward_wiring_matches_the_design_text():
     assert abs(out["loss_inst"].item() - inst.item()) < 1e-4
     assert abs(out["loss_local"].item() - (sum(local) / 4).item()) < 1e-4
     assert abs(out["loss_dense"].item() - sum(dense) / 4) < 1e-4 and out["dense_pos_cells"] > 0
+
+
+def test_bn_groups_is_split_batchnorm_with_permuted_keys():
+    """bn_groups=2 (one-process shuffle-BN): the query encoder's output is the encoder run on each half of the batch
+    on its own; the keys are the key encoder run on halves of a permuted batch, returned in the original order.
+    Checked against those computations done by hand; in eval mode the setting changes nothing."""
+    torch.manual_seed(0)
+    obj = MoCo("i3d", K=16, bn_groups=2, backbone_kwargs=TINY_I3D).train()
+    x = make_batch(B=4, S=32)["rgb_m"]
+    solo = copy.deepcopy(obj.encoder_q).train()
+    fmap, _ = obj.encode_q(x)
+    assert torch.allclose(fmap, torch.cat([solo(x[:2]), solo(x[2:])]), atol=1e-6)
+    assert not torch.allclose(fmap, copy.deepcopy(obj.encoder_q)(x), atol=1e-3)     # whole-batch BN differs
+
+    key_enc = copy.deepcopy(obj.encoder_k).train()
+    torch.manual_seed(5)
+    (k,) = obj.key_forward(x, obj._embed_k)
+    torch.manual_seed(5)
+    perm = torch.randperm(4)
+    by_hand = torch.cat([key_enc(x[perm][:2]), key_enc(x[perm][2:])])[torch.argsort(perm)]
+    assert torch.allclose(k, obj._embed_k(by_hand)[0], atol=1e-6)
+
+    plain = MoCo("i3d", K=16, backbone_kwargs=TINY_I3D)
+    plain.load_state_dict(obj.state_dict())
+    obj.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(obj.encode_q(x)[1], plain.encode_q(x)[1])
+    with pytest.raises(ValueError, match="bn_groups"):
+        MoCo("i3d", K=16, bn_groups=0, backbone_kwargs=TINY_I3D)
+    with pytest.raises(ValueError, match="2 samples per group"):
+        MoCo("i3d", K=16, bn_groups=3, backbone_kwargs=TINY_I3D).train().encode_q(x)

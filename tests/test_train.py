@@ -103,6 +103,73 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data, tm
     assert final_state(tmp_path / "two")["world_size"] == 2
 
 
+def test_quality_monitor_logs_knn_from_the_random_init_on_and_changes_nothing(data, tmp_path):
+    """monitor=OUT logs kNN top-1 at step 0 (the random-init reference line), every monitor_every steps and at the
+    end; the run's weights are bit-identical to a run without it; the step-0 value is what `python -m evaluate knn
+    --random-init` reports for the same seed and sampling (an independent path: its own loop and cache)."""
+    common = [*TINY, f"data={data}", "objective=moco", "backbone_width=0.25", "max_steps=3", "ckpt_every=100"]
+    plain = run_train(*common, f"out_dir={tmp_path / 'plain'}")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    watched = run_train(*common, f"monitor={data.parent}", "monitor_every=2", f"out_dir={tmp_path / 'watched'}")
+    assert watched.returncode == 0, watched.stderr[-2000:]
+    rows = [r for r in losses(tmp_path / "watched") if "monitor/knn_top1" in r]
+    assert [r["step"] for r in rows] == [0, 2, 3]
+    base = rows[0]["monitor/knn_top1"]
+    assert all(r["monitor/knn_top1_random_init"] == base for r in rows) and 0 <= base <= 1
+    assert "step 0: kNN top-1 on" in watched.stdout
+    a, b = final_state(tmp_path / "plain"), final_state(tmp_path / "watched")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert b["monitor_random_init"] == base
+
+    from evaluate.cli import main as evaluate_main
+    out = tmp_path / "knn"
+    assert evaluate_main(["knn", "--random-init", "--backbone-width", "0.25", "--data", str(data.parent), "--frames",
+                          "16", "--crop", "48", "--test-clips", "1", "--no-cache", "--num-threads", "1",
+                          "--no-progress", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["result"]["top1"] == pytest.approx(base)
+
+    bad = run_train(*common, f"monitor={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'bad'}")
+    assert bad.returncode != 0 and "monitor=" in bad.stderr and "train/ and test/" in bad.stderr
+
+
+CONTRACT_CASES = [("fima", []), ("fima", ["dense_coords=pixel"]), ("fima", ["frame0=zero"]), ("moco", []),
+                  ("fame", []), ("multilevel", ["backbone=r3d18_ml", "min_area=0.5"])]
+
+
+@pytest.mark.parametrize("objective,switches", CONTRACT_CASES, ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_the_loader_delivers_exactly_what_the_built_objective_requires(data, objective, switches):
+    """The model is the contract: under every switch that changes an objective's inputs, the trainer's loader
+    (built from model.required_inputs) delivers exactly those keys, and one training step runs on them."""
+    from model import build_objective
+    from pipeline import pretrain_loader
+    from train.trainer import aug_config, objective_kwargs
+    cfg = load_config("demo", [*TINY, "backbone_width=0.25" if objective != "multilevel" else "backbone_width=1.0",
+                               f"objective={objective}", "crop=32", *switches])
+    torch.manual_seed(0)
+    model = build_objective(objective, **objective_kwargs(cfg)).train()
+    loader = pretrain_loader(data, tuple(model.required_inputs), batch_size=2, config=aug_config(cfg), backend="cpu",
+                             num_threads=1)
+    try:
+        batch = next(iter(loader))
+    finally:
+        loader.close()
+    assert set(batch) == set(model.required_inputs)
+    if objective == "fima":
+        assert ("frame_hw" in batch) == ("dense_coords=pixel" in switches)
+    out = model(batch)
+    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+
+
+def test_a_documented_switch_that_adds_an_input_trains(data, tmp_path):
+    """dense_coords=pixel adds frame_hw to FIMA's inputs; it used to fail on the first step with KeyError: 'frame_hw'
+    (the pipeline chose its outputs from the objective's name)."""
+    r = run_train(*TINY, f"data={data}", "objective=fima", "dense_coords=pixel", "backbone_width=0.25", "crop=32",
+                  "batch_size=2", "max_steps=2", "ckpt_every=100", f"out_dir={tmp_path / 'pixel'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert final_state(tmp_path / "pixel")["step"] == 2
+
+
 def test_bad_inputs_give_one_clear_error(data, tmp_path):
     r = run_train("--config", "demo", "bach_size=4")
     assert r.returncode == 2 and "unknown config key 'bach_size'" in r.stderr and "batch_size" in r.stderr

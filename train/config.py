@@ -40,8 +40,14 @@ DEFAULTS: dict[str, tuple[object, str]] = {
     "dense_weight": (1.0, "FIMA weight of the dense loss"),
     "pos_ratio": (0.7, "FIMA positive rule: centre distance / larger cell diagonal must be below this"),
     "dense_coords": ("normalized", "FIMA positive-rule coordinates: normalized (reference, per-axis) or pixel"),
-    "self_negative_bug": (False, "FIMA/MoCo: reproduce the reference's second-direction self-negative"),
+    "self_negative_bug": (False, "FIMA/MoCo/FAME: reproduce the reference's second-direction self-negative (its "
+                                 "own key and the batch's fresh keys among the n->m negatives)"),
+    "bn_groups": (0, "BatchNorm over this many sub-batches on one process, key batch permuted: shuffle-BN "
+                     "emulation (MoCo's single-GPU demo); 0 = auto: min(8, batch_size // 4) on one process, 1 (off) "
+                     "with several processes, where shuffle-BN is real"),
     "fame_beta": (0.5, "FAME: foreground fraction"),
+    "fame_hue_wrap_bug": (False, "FAME: reproduce the reference's hue taken as turns though already in radians (x 2 pi "
+                                  "again: the angle wraps ~6.3 times and unrelated hues share histogram bins)"),
     "cluster": (1000, "multilevel: number of prototypes K (the reference forgets to pass it)"),
     "split": (20, "multilevel: epoch from which the graph constraint is on"),
     "graph_threshold": (0.05, "multilevel: instance-graph threshold"),
@@ -72,6 +78,12 @@ DEFAULTS: dict[str, tuple[object, str]] = {
     "keep_ckpts": (3, "keep the newest N checkpoints"),
     "log_every": (10, "console / TensorBoard scalars every N steps"),
     "max_bad_steps": (5, "stop after this many non-finite losses in a row"),
+    # quality monitor (train/monitor.py)
+    "monitor": ("", "labelled shard folder (OUT with train/ and test/): log kNN top-1 of the query backbone on it "
+                    "every monitor_every steps, the random-init value at step 0 as the reference line"),
+    "monitor_every": (100, "steps between quality measurements (and one at the end)"),
+    "monitor_clips": (1, "uniformly spaced clips per video for the monitor's features"),
+    "monitor_k": (20, "neighbours of the monitor's weighted kNN"),
 }
 
 CHOICES = {
@@ -158,6 +170,11 @@ def load_config(preset: str | Path | None = None, overrides: list[str] = ()) -> 
                           f"multiplier), not {cfg['backbone']!r}")
     if cfg["backbone_width"] == 0:
         raise ConfigError("backbone_width must be positive (1.0 = the published network)")
+    if cfg["monitor_every"] < 1 or cfg["monitor_clips"] < 1 or cfg["monitor_k"] < 1:
+        raise ConfigError("monitor_every, monitor_clips and monitor_k must be at least 1")
+    if cfg["bn_groups"] and cfg["batch_size"] < 2 * cfg["bn_groups"]:
+        raise ConfigError(f"bn_groups={cfg['bn_groups']} needs batch_size >= {2 * cfg['bn_groups']} (two samples per "
+                          "BatchNorm group); lower bn_groups, or 0 for the automatic choice")
     if cfg["batch_size"] < 1:
         raise ConfigError("batch_size must be at least 1")
     return cfg

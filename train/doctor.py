@@ -77,7 +77,7 @@ CHECKS: dict[str, str] = {
     "data.samples": "N samples read in full: lbl / nf / JSON / manifest / MP4 agree",
     "data.read": "read throughput (MB/s, videos/s) vs what training consumes",
     "decode.codec": "the shards' codec can be decoded by the configured backend",
-    "decode.cache": "one coded size across samples (DALI reuses GPU decoders only then)",
+    "decode.cache": "one coded size across samples, both sides multiples of 16 (DALI reuses GPU decoders only then)",
     "decode.cpu": "N samples through the real pipeline, CPU backend: videos/s",
     "decode.gpu": "N samples through the real pipeline, mixed (NVDEC) backend: videos/s",
     "decode.match": "CPU and GPU decoded frames agree",
@@ -506,7 +506,9 @@ class Doctor:
         bs = max(1, self.n // 2)
         nb = math.ceil(self.n / bs)
         gpu = backend == "gpu"
-        loader = pretrain_loader(c["data"], outputs or c["objective"], batch_size=bs, config=self._aug(), seed=c["seed"],
+        # what the configured objective requires (the model is the contract), as the trainer asks for it
+        want = outputs or tuple(self._template().required_inputs)
+        loader = pretrain_loader(c["data"], want, batch_size=bs, config=self._aug(), seed=c["seed"],
                                  backend=backend, device_id=self.local_rank if gpu else None,
                                  num_threads=c["num_threads"], prefetch=1)
         try:
@@ -838,24 +840,39 @@ class Doctor:
 
     def check_decode_cache(self) -> Result:
         s = self._shards()
-        size = (s["manifest"].get("encoding") or {}).get("size")
+        enc = s["manifest"].get("encoding") or {}
+        size = enc.get("size")
         infos = self._samples()["infos"]
         sizes: dict[str, int] = {}
         for i in infos:
             if i.get("width"):
                 k = f"{i['width']}x{i['height']}"
                 sizes[k] = sizes.get(k, 0) + 1
-        m = {"sizes": sizes, "manifest_size": size, "one_size": len(sizes) <= 1}
+        # DALI 2.4 looks a free decoder up by coded size but files it under the display size: a side that is not a
+        # multiple of 16 (coded sizes are padded to the block size) never hits the cache (DESIGN.md §8)
+        padded = sorted(k for k in sizes if any(int(v) % 16 for v in k.split("x")))
+        m = {"sizes": sizes, "manifest_size": size, "one_size": len(sizes) <= 1, "unaligned": padded,
+             "cache_friendly": not padded, "align": enc.get("align", 2)}
         how = "fixed by the manifest's --size" if size else "short side fixed, widths follow the sources"
         fig = f"{len(sizes)} coded size(s) in {len(infos)} samples: {', '.join(sizes) or '?'} ({how})"
+        problems = []
+        if padded:
+            short = min(int(v) for k in padded for v in k.split("x"))
+            problems.append(f"{', '.join(padded)} not a multiple of 16: coded size != display size, so DALI's GPU "
+                            "decoder cache misses on every sample (a new NVDEC decoder, tens of ms, per video); "
+                            f"re-shard with this version's default --align 16 (`python -m preprocess SRC OUT "
+                            f"--short-side {short - short % 16 or 16}`)")
         if len(sizes) > 1:
             common = max(sizes, key=sizes.get)
-            fix = (f"every new size creates a GPU decoder (tens of ms, more than a short clip's decode): re-shard "
-                   f"with one size, `python -m preprocess SRC OUT --size {common}`")
+            w, h = (int(v) for v in common.split("x"))
+            fixed = f"{w - w % 16 or 16}x{h - h % 16 or 16}"
+            problems.append(f"every new size creates a GPU decoder (tens of ms, more than a short clip's decode): "
+                            f"re-shard with one size, `python -m preprocess SRC OUT --size {fixed}`")
+        if problems:
             if self.run_backend == "gpu":
-                return Result("", WARN, fig, fix, m)
-            return Result("", PASS, fig + " (matters only on backend=gpu)", fix, m)
-        return Result("", PASS, fig + "; the NVDEC decoder cache can be reused", measured=m)
+                return Result("", WARN, fig, "; ".join(problems), m)
+            return Result("", PASS, fig + " (matters only on backend=gpu)", "; ".join(problems), m)
+        return Result("", PASS, fig + "; 16-aligned, the NVDEC decoder cache can be reused", measured=m)
 
     def _shards_ok(self) -> None:
         self._shards()
@@ -886,8 +903,7 @@ class Doctor:
     def _decode_result(self, backend: str, r: dict) -> Result:
         torch = self.torch
         batch = r["batch"]
-        from pipeline import OBJECTIVE_OUTPUTS
-        want = OBJECTIVE_OUTPUTS[self.cfg["objective"]]
+        want = tuple(self._template().required_inputs)
         T, S = self.cfg["frames"], self.cfg["crop"]
         bad = [k for k in want if k not in batch]
         clips = [k for k in want if k in batch and batch[k].dim() == 5]

@@ -4,7 +4,7 @@
     torchrun --nproc-per-node=8 -m train --config k400_i3d_fima     # one node, 8 GPUs
     torchrun --nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m train --config ...
 
-Order of things: distributed set-up, run folder, data, model, optimiser, precision/compile/DDP wrapping,
+Order of things: distributed set-up, run folder, model, data (what the model requires), optimiser, precision/compile/DDP wrapping,
 resume, then the loop. Checkpoints hold everything a resumed run needs to continue the same sample stream
 with the same augmentations (the pipeline draws every random parameter from (seed, epoch, position)).
 """
@@ -27,6 +27,7 @@ from . import distributed as D
 from .checkpoint import CheckpointManager, PreemptionFlag, lock_run_folder, rng_state, set_rng_state
 from .config import DEFAULTS
 from .metrics import Metrics
+from .monitor import QualityMonitor
 
 # keys that change the model or the sample stream: a resumed run must agree on them
 ARCH_KEYS = ("objective", "backbone", "backbone_width", "frames", "stride", "crop", "queue_size", "dense_queue_size",
@@ -37,20 +38,27 @@ class TrainingError(RuntimeError):
     """A run that cannot continue (bad data, repeated non-finite losses, an incompatible checkpoint)."""
 
 
-def objective_kwargs(cfg: dict) -> dict:
+def bn_groups(cfg: dict, world_size: int) -> int:
+    """BatchNorm sub-batches per process: real shuffle-BN across processes needs none; one process emulates it."""
+    if cfg["bn_groups"]:
+        return cfg["bn_groups"]
+    return 1 if world_size > 1 else max(1, min(8, cfg["batch_size"] // 4))
+
+
+def objective_kwargs(cfg: dict, world_size: int = 1) -> dict:
     """Config keys -> the objective's constructor arguments (model/ takes plain keywords, not configs)."""
     if cfg["objective"] == "multilevel":
         return dict(backbone=cfg["backbone"], cluster=cfg["cluster"], T=cfg["temperature"], split=cfg["split"],
                     thres=cfg["graph_threshold"], proto_queue=cfg["proto_queue"], queue_start=cfg["proto_queue_start"])
     kw = dict(backbone=cfg["backbone"], K=cfg["queue_size"], m=cfg["momentum_ema"], T=cfg["temperature"],
-              self_negative_bug=cfg["self_negative_bug"])
+              self_negative_bug=cfg["self_negative_bug"], bn_groups=bn_groups(cfg, world_size))
     if cfg["backbone_width"] != 1.0:
         kw["backbone_kwargs"] = {"width": cfg["backbone_width"]}
     if cfg["objective"] == "fima":
         kw.update(dense_K=cfg["dense_queue_size"], dense_T=cfg["dense_temperature"], dense_weight=cfg["dense_weight"],
                   pos_ratio=cfg["pos_ratio"], dense_coords=cfg["dense_coords"])
     if cfg["objective"] == "fame":
-        kw.update(beta=cfg["fame_beta"])
+        kw.update(beta=cfg["fame_beta"], hue_wrap_bug=cfg["fame_hue_wrap_bug"])
     return kw
 
 
@@ -103,17 +111,25 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
         os.replace(tmp, out_dir / "config.yaml")
 
-    # --- data ---------------------------------------------------------------------------------------------
-    loader = pretrain_loader(cfg["data"], cfg["objective"], batch_size=cfg["batch_size"], config=aug_config(cfg),
-                             seed=cfg["seed"], rank=d.rank, world_size=d.world_size, backend=backend,
-                             device_id=d.local_rank if backend == "gpu" else None, num_threads=cfg["num_threads"])
+    # --- model and data ------------------------------------------------------------------------------------
+    # the model is the contract: the loader produces exactly the inputs the built objective requires
+    model = build_objective(cfg["objective"], **objective_kwargs(cfg, d.world_size)).to(d.device)
+    loader = pretrain_loader(cfg["data"], tuple(model.required_inputs), batch_size=cfg["batch_size"],
+                             config=aug_config(cfg), seed=cfg["seed"], rank=d.rank, world_size=d.world_size,
+                             backend=backend, device_id=d.local_rank if backend == "gpu" else None,
+                             num_threads=cfg["num_threads"])
+    monitor = None
+    if cfg["monitor"] and d.is_main:   # rank 0 measures; the others wait at the next collective
+        monitor = QualityMonitor(cfg["monitor"], frames=cfg["frames"], stride=cfg["stride"], crop=cfg["crop"],
+                                 clips=cfg["monitor_clips"], k=cfg["monitor_k"], batch_size=cfg["batch_size"],
+                                 backend=backend, device_id=d.local_rank if backend == "gpu" else None,
+                                 num_threads=cfg["num_threads"])
     steps_per_epoch = len(loader)
     total_steps = cfg["epochs"] * steps_per_epoch
     stop_step = min(total_steps, cfg["max_steps"]) if cfg["max_steps"] else total_steps
     global_batch = cfg["batch_size"] * d.world_size
 
-    # --- model, optimiser, precision, wrapping -------------------------------------------------------------
-    model = build_objective(cfg["objective"], **objective_kwargs(cfg)).to(d.device)
+    # --- optimiser, precision, wrapping ---------------------------------------------------------------------
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last_3d)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -135,7 +151,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     torch.manual_seed(cfg["seed"] * 1000 + d.rank + 1)   # per-rank stream for dropout / FAME permutations
 
     # --- resume -------------------------------------------------------------------------------------------
-    step = 0
+    step, monitor_base = 0, None
     if resume != "none":
         found = ckpts.load_latest() if resume == "auto" else (CheckpointManager.load(resume), Path(resume))
         if found:
@@ -151,13 +167,28 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
             loader.load_state_dict(state["loader"])
             set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
             step = state["step"]
+            monitor_base = state.get("monitor_random_init")
             if d.is_main:
                 print(f"resumed from {path} at step {step} (epoch {loader.epoch}, batch {loader.step})")
 
     def save() -> None:
         ckpts.save({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                     "loader": loader.state_dict(), "rng": D.gather_objects(rng_state(), d), "step": step, "config": cfg,
-                    "world_size": d.world_size}, step)
+                    "world_size": d.world_size, "monitor_random_init": monitor_base}, step)
+
+    def measure_quality() -> None:
+        """The monitor's kNN top-1 (rank 0), logged with the random-init value measured at step 0."""
+        nonlocal monitor_base
+        if monitor is None:
+            return
+        scalars = monitor.measure(raw_model.encoder_q, amp)
+        if step == 0:
+            monitor_base = scalars["monitor/knn_top1"]
+        if monitor_base is not None:
+            scalars["monitor/knn_top1_random_init"] = monitor_base
+        metrics.log(step, scalars)
+        metrics.print(f"step {step}: kNN top-1 on {cfg['monitor']} {scalars['monitor/knn_top1']:.1%}"
+                      + (f" (random init {monitor_base:.1%})" if monitor_base is not None else ""))
 
     # --- the loop -----------------------------------------------------------------------------------------
     metrics = Metrics(out_dir, stop_step, step, enabled=d.is_main, progress=progress)
@@ -184,6 +215,8 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     bad_in_a_row, window = 0, {"n": 0, "wait": 0.0, "time": 0.0, "sums": {}}
     model.train()
     try:
+        if step == 0:
+            measure_quality()
         while step < stop_step:
             if hasattr(raw_model, "set_epoch"):   # objectives with epoch-dependent terms (multi-level)
                 raw_model.set_epoch(loader.epoch)
@@ -236,6 +269,8 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
                         scalars["gpu_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
                     metrics.log(step, scalars)
                     window = {"n": 0, "wait": 0.0, "time": 0.0, "sums": {}}
+                if step % cfg["monitor_every"] == 0 or step == stop_step:
+                    measure_quality()
                 stop = D.any_rank(bool(preempted), d)
                 if stop or step % cfg["ckpt_every"] == 0 or step == stop_step:
                     save()
@@ -252,5 +287,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     finally:
         metrics.close()
         loader.close()
+        if monitor is not None:
+            monitor.close()
         D.barrier(d)
         D.cleanup()

@@ -1,0 +1,45 @@
+"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018; DINO's eval_knn).
+
+Video feature = mean of the L2-normalised pooled clip features (``test_clips`` uniform windows x centre crop,
+the cache linear and retrieval use); each test video's ``knn_k`` most cosine-similar train videos vote for their
+class with weight exp(cosine / ``knn_temperature``). No training, no hyper-parameter fitted on the test split:
+the probe that shows what the features hold as they are, next to the linear probe, which can re-weight them.
+"""
+from __future__ import annotations
+
+from . import metrics
+from .context import Context
+from .features import extract_train_test
+from .report import pct, write_results
+
+TABLE_KS = (1, 5, 20, 50)     # top-1 at these k as well, for the table and results.json
+
+
+def run(ctx: Context) -> int:
+    s, rt = ctx.settings, ctx.rt
+    rows, how = extract_train_test(ctx)
+    if not rt.d.is_main:
+        return 0
+    num_classes = len(ctx.splits["train"].classes)
+    vid = {}
+    for name, r in rows.items():
+        _, feats, labels = metrics.video_features(r["out"], r["index"], r["label"])
+        vid[name] = (feats, labels)
+    (g, gl), (q, ql) = vid["train"], vid["test"]
+    k, T = s["knn_k"], s["knn_temperature"]
+    top = metrics.topk_accuracy(metrics.knn_scores(q, g, gl, num_classes, k, T), ql, (1, 5))
+    by_k = {kk: metrics.topk_accuracy(metrics.knn_scores(q, g, gl, num_classes, kk, T), ql, (1,))[1]
+            for kk in TABLE_KS}
+    chance = float(max((gl == c).double().mean() for c in range(num_classes)))   # the majority-class rate
+    result = {"top1": top[1], "top5": top[5], "k": k, "temperature": T, "top1_by_k": by_k, "majority_rate": chance,
+              "test_videos": len(ql), "train_videos": len(gl), "features": how}
+    scalars = {"top1": top[1], "top5": top[5]} | {f"top1_k{kk}": v for kk, v in by_k.items()}
+    table = [("top-1 (%)", pct(top[1])), ("top-5 (%)", pct(top[5]))]
+    table += [(f"top-1 at k={kk} (%)", pct(v)) for kk, v in by_k.items() if kk != k]
+    table += [("majority class (%)", pct(chance)), ("test / train videos", f"{len(ql)} / {len(gl)}")]
+    cached = ", ".join(f"{n} {'cached' if h['cached'] else 'extracted'}" for n, h in how.items())
+    title = (f"kNN: {ctx.info['backbone']} {ctx.info['source']} "
+             f"({ctx.info['path'] or 'seed ' + str(ctx.info.get('seed'))}); k={k}, T={T}, test videos vote by train "
+             f"videos, {s['test_clips']} clips per video; features: {cached}")
+    write_results(ctx.out, "knn", {**ctx.describe(), "result": result}, scalars, table, title)
+    return 0
