@@ -168,7 +168,7 @@ def main(argv=None) -> int:
 
     # the training step: the doctor's rows and the data-stall ratio, at the paper's size on a GPU
     size = (["backbone_width=0.25", "crop=48", "batch_size=2", "precision=fp32", "channels_last=false"] if a.quick
-            else ["backbone_width=1.0", "crop=224", "batch_size=16", "precision=bf16", "channels_last=true"])
+            else ["backbone_width=1.0", "crop=224", "batch_size=16", "precision=bf16", "channels_last=true", "num_threads=8"])
     checks = doctor_rows(sets[("vp9", 16)], backend, "train", ["objective=fima", "frames=16", *size], work, "train")
     for name in ("train.step", "train.bf16", "train.batch"):
         c = checks[name]

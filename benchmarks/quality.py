@@ -56,7 +56,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="labelled shard folder with train/ and test/ (default: the synthetic "
                    "sample, made in --work)")
-    p.add_argument("--preset", default="small_fima", help="pretraining preset (default small_fima, the CPU recipe)")
+    p.add_argument("--preset", default="demo", help="pretraining preset (default demo, the CPU recipe)")
     p.add_argument("--objectives", nargs="+", default=["moco", "fima"], help="objectives to pretrain (default moco fima)")
     p.add_argument("--steps", type=int, default=600, help="pretraining steps per run (default 600)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default 0 1): pretraining, random init "

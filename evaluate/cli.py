@@ -14,6 +14,7 @@ COMMANDS = {
     "knn": "weighted k-nearest-neighbour classification on frozen, L2-normalised video features (the same cache as "
            "linear and retrieval); top-1/top-5",
     "cam": "class-agnostic activation maps overlaid on frames: PNG grids and MP4/GIF for a list of videos",
+    "compare": "print results.json files side by side, each against the random-init result of the same command",
     "export": "write the backbone as safetensors plus a model card (objective, config, data manifest hash, steps, "
               "evaluation results) that --checkpoint accepts back",
     "temporal": "temporal-order accuracy (forward vs time-reversed clips, bias-free linear head on frozen pooled "
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cmd, text in COMMANDS.items():
+        if cmd == "compare":
+            sp = sub.add_parser(cmd, help=text, description=f"{text}.")
+            sp.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
+                            help="results.json files or the --out folders holding them")
+            continue
         if cmd == "export":
             sp = sub.add_parser(cmd, help=text, description=f"{text}.", epilog=EXPORT_EXAMPLE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,9 +155,9 @@ def run(args: argparse.Namespace) -> int:
     from .protocols import resolve
 
     cmd = args.command
-    if cmd == "export":
-        from .export import run as export_run
-        return export_run(args)
+    if cmd in ("export", "compare"):
+        from importlib import import_module
+        return import_module(f"evaluate.{cmd}").run(args)
     if args.random_init and args.checkpoint:
         raise EvalError("--random-init and --checkpoint exclude each other")
     need = (args.split,) if cmd == "cam" else ("train", "test")

@@ -32,7 +32,7 @@ DOCKERFILE = DOCKER / "Dockerfile"
 COMPOSE = DOCKER / "compose.yaml"
 K8S = sorted((DOCKER / "k8s").glob("*.yaml"))
 SBATCH = sorted((DOCKER / "slurm").glob("*.sbatch"))
-SHELL_SCRIPTS = [ENTRY, *SBATCH]
+SHELL_SCRIPTS = [ENTRY, *SBATCH, DOCKER / "carry_wheels.sh"]
 DOCKER_README = DOCKER / "README.md"
 VENV_BIN = str(Path(sys.executable).parent)
 # the entry point's commands and the module each one runs
