@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.container import Track, parse_mp4
-from preprocess import format as shard_format
+from preprocess import shard_format as shard_format
 
 # Video codecs by MP4 sample-entry fourcc. The CPU decoder of DALI 2.4 handles only these.
 CPU_CODECS = {"vp09": "VP9", "vp08": "VP8", "mjpa": "MJPEG", "mjpg": "MJPEG", "jpeg": "MJPEG"}

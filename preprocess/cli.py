@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import format as fmt
+from . import shard_format as fmt
 from .shards import TOOL, atomic_write, dump_json, pack_split
 from .sources import FORMATS, LayoutError, Video, read_dataset
 from .video import Encoding, SkipVideo, transcode

@@ -13,7 +13,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from . import format as fmt
+from . import shard_format as fmt
 
 TOOL = "motionpretrain.preprocess 0.1.0"
 

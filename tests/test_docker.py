@@ -39,9 +39,6 @@ VENV_BIN = str(Path(sys.executable).parent)
 SUBCOMMANDS = {"preprocess": "-m preprocess", "sample-videos": "-m preprocess.sample_videos",
                "train": "-m train", "doctor": "-m train doctor", "evaluate": "-m evaluate"}
 PRESET = "configs/k400_i3d_fima.yaml"
-HAS_TRAIN = (REPO / "train" / "__main__.py").is_file()
-HAS_EVALUATE = (REPO / "evaluate" / "__main__.py").is_file()
-NO_TRAIN = "train/__main__.py does not exist yet (the trainer, issue 6): nothing to run through the entry point"
 CKPT_SUFFIXES = {".pt", ".pth", ".ckpt", ".safetensors"}
 # the demo preset, smaller still: two CPU steps in seconds rather than a minute
 DEMO_SMALL = ["batch_size=2", "crop=32"]
@@ -225,8 +222,6 @@ def test_referenced_repository_files_exist():
     assert re.search(r"^WORKDIR /app$", text, re.M) and "COPY docker/entrypoint.sh ./docker/entrypoint.sh" in text
 
 
-@pytest.mark.skipif(not HAS_TRAIN, reason="the presets under configs/ come with the trainer (issue 6), "
-                                          "which is not there yet: " + NO_TRAIN)
 def test_referenced_presets_exist():
     refs = sorted(r for r in referenced_paths() if r.startswith("configs"))
     assert PRESET in refs
@@ -582,8 +577,6 @@ def checkpoints(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, tiny_shards) -> Path:
-    if not HAS_TRAIN:
-        pytest.skip(NO_TRAIN)
     out = tmp_path_factory.mktemp("demo_run") / "run"
     p = run_entry("train", "--config", "configs/demo.yaml", f"data={tiny_shards}/train", *DEMO_SMALL, "max_steps=2",
                   f"out_dir={out}", "--no-progress", NPROC_PER_NODE="1", timeout=900)
@@ -599,7 +592,6 @@ def ckpt_step(path: Path) -> int:
     return int(re.findall(r"\d+", path.name)[-1])
 
 
-@pytest.mark.skipif(not HAS_TRAIN, reason=NO_TRAIN)
 def test_entrypoint_two_nodes_preempted_then_resumed(tmp_path, tiny_shards):
     """Two "nodes" on loopback (c10d, gloo): SIGUSR1 to one node's entry point checkpoints the run and both
     stop; the same command with --resume auto continues from that checkpoint and writes the next one."""
@@ -636,18 +628,12 @@ def test_entrypoint_two_nodes_preempted_then_resumed(tmp_path, tiny_shards):
             stop(p)
 
 
-@pytest.mark.skipif(not HAS_TRAIN, reason=NO_TRAIN)
 def test_entrypoint_doctor_demo(tiny_shards):
-    probe = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=REPO, capture_output=True, text=True,
-                           env=entry_env())
-    if "doctor" not in probe.stdout:
-        pytest.skip("`python -m train doctor` does not exist yet (issue 10): `python -m train --help` lists no doctor")
     p = run_entry("doctor", "--config", "configs/demo.yaml", f"data={tiny_shards}/train", NPROC_PER_NODE="1",
                   timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
-@pytest.mark.skipif(not HAS_EVALUATE, reason="evaluate/__main__.py does not exist yet (issue 7)")
 def test_entrypoint_evaluate_retrieval(demo_run, tiny_shards):
     (ckpt, *_) = sorted(checkpoints(demo_run))
     p = run_entry("evaluate", "retrieval", "--checkpoint", str(ckpt), "--data", str(tiny_shards), timeout=900)

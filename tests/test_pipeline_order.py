@@ -100,14 +100,18 @@ def test_eval_train_mode_one_clip_per_video(synthetic_shards):
 
 
 def test_gop_trimming_is_lossless(ucf_shards):
-    """Cutting each video to the GOPs its windows need (the CPU default) decodes the same pixels as handing
-    DALI the whole video."""
+    """Cutting each video to the GOPs its windows need (the default on both backends) decodes the same pixels as
+    handing DALI the whole video."""
     cfg = AugConfig(num_frames=8, crop_size=32, color_aug=False)
     keys = ("raw_m", "raw_n", "index", "start_m", "start_n")
     full, cut = (next(iter(pretrain_loader(ucf_shards / "train", keys, batch_size=3, config=cfg, seed=9, trim=t)))
                  for t in (False, True))
     assert max(full["start_m"].max(), full["start_n"].max()) > 16          # windows past the first GOPs
     assert all(torch.equal(full[k], cut[k]) for k in keys)
+    for backend in ("cpu", "gpu"):   # on by default on both (building a loader needs no GPU; running one does)
+        loader = pretrain_loader(ucf_shards / "train", keys, batch_size=3, config=cfg, backend=backend, device_id=0)
+        assert loader.trim
+        loader.close()
 
 
 def test_clear_errors(tmp_path, sample_videos):

@@ -15,7 +15,7 @@ import av
 import numpy as np
 import pytest
 
-from preprocess import format as fmt
+from preprocess import shard_format as fmt
 from preprocess.cli import main as preprocess_main
 from preprocess.sample_videos import encode, render
 

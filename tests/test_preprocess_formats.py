@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocess import format as fmt
+from preprocess import shard_format as fmt
 from preprocess.cli import main as preprocess_main
 from preprocess.sources import LayoutError, read_dataset
 

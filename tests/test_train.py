@@ -170,6 +170,22 @@ def test_a_documented_switch_that_adds_an_input_trains(data, tmp_path):
     assert final_state(tmp_path / "pixel")["step"] == 2
 
 
+def test_bn_groups_emulates_shuffle_bn_on_one_process_only():
+    """auto (0): sub-batches of 4 (at most 8 groups) on one process, none with several (shuffle-BN is real there, so
+    the multi-process objective is built exactly as before); an explicit value wins; too few samples per group is
+    a config error."""
+    from train.trainer import bn_groups, objective_kwargs
+    cfg = load_config("demo", [])
+    assert cfg["bn_groups"] == 0 and cfg["batch_size"] == 8
+    assert bn_groups(cfg, 1) == 2 and bn_groups(cfg, 2) == bn_groups(cfg, 8) == 1
+    assert bn_groups(load_config("demo", ["batch_size=64"]), 1) == 8
+    assert bn_groups(load_config("demo", ["batch_size=4"]), 1) == 1
+    assert bn_groups(load_config("demo", ["bn_groups=1"]), 1) == 1
+    assert objective_kwargs(cfg, 2)["bn_groups"] == 1 and objective_kwargs(cfg, 1)["bn_groups"] == 2
+    with pytest.raises(ConfigError, match="bn_groups=3 needs batch_size >= 6"):
+        load_config("demo", ["bn_groups=3", "batch_size=4"])
+
+
 def test_bad_inputs_give_one_clear_error(data, tmp_path):
     r = run_train("--config", "demo", "bach_size=4")
     assert r.returncode == 2 and "unknown config key 'bach_size'" in r.stderr and "batch_size" in r.stderr

@@ -361,7 +361,7 @@ class Doctor:
             if "data.shards" in self.selected:
                 raise Skip(f"needs the shard set: {value[0]} (see data.shards)")
             raise Fail(*value)
-        from preprocess import format as fmt
+        from preprocess import shard_format as fmt
         try:
             data = self._data_dir()
             try:
@@ -413,7 +413,7 @@ class Doctor:
             return self._cache["samples"]
         import numpy as np
         from pipeline.container import parse_mp4
-        from preprocess import format as fmt
+        from preprocess import shard_format as fmt
         s = self._shards()
         manifest, tars, indexes = s["manifest"], s["tars"], s["indexes"]
         records = {r.get("key"): r for r in manifest.get("samples") or [] if isinstance(r, dict)}
@@ -698,7 +698,7 @@ class Doctor:
     def check_data_shards(self) -> Result:
         s = self._shards()
         manifest, tars, indexes = s["manifest"], s["tars"], s["indexes"]
-        from preprocess import format as fmt
+        from preprocess import shard_format as fmt
         need = (fmt.VIDEO_EXT, fmt.LABEL_EXT, fmt.FRAMES_EXT)
         problems, headers_read = [], 0
         total = 0
