@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m preprocess data/hmdb51 shards/hmdb51 --format hmdb51 --split 2\n"
                "  # a SLURM array of 16 jobs, then one merge:\n"
                "  python -m preprocess data/k400 shards/k400 --format kinetics --num-jobs 16 --job-index $SLURM_ARRAY_TASK_ID\n"
-               "  python -m preprocess data/k400 shards/k400 --format kinetics --merge")
+               "  python -m preprocess data/k400 shards/k400 --format kinetics --merge\n"
+               "  # after copying shards elsewhere: check every tar, index, checksum and sample\n"
+               "  python -m preprocess verify shards/k400   (see python -m preprocess verify --help)")
     p.add_argument("src", type=Path, help="dataset root folder (the layout --format describes)")
     p.add_argument("out", type=Path, help="output folder; gets <split>/ shard sets, manifest.json, errors.jsonl")
     g = p.add_argument_group("input")
@@ -262,6 +264,10 @@ def print_summary(top: dict, errors: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["verify"]:   # `python -m preprocess verify OUT`: check a (copied) shard set
+        from .verify import main as verify_main
+        return verify_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return run(args)

@@ -58,8 +58,9 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def write_shard(tar_path: Path, samples: list[dict[str, bytes]]) -> int:
-    """Write one tar (temp + rename) and its DALI index; `samples` are {"__key__", ext: bytes}. Returns bytes."""
+def write_shard(tar_path: Path, samples: list[dict[str, bytes]]) -> tuple[int, str]:
+    """Write one tar (temp + rename) and its DALI index; `samples` are {"__key__", ext: bytes}. Returns (bytes,
+    sha256 of the tar), which the manifest records so `python -m preprocess verify` can check a copy."""
     buf = io.BytesIO()
     index = []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -76,7 +77,7 @@ def write_shard(tar_path: Path, samples: list[dict[str, bytes]]) -> int:
     data = buf.getvalue()
     atomic_write(tar_path, data)
     atomic_write(fmt.index_path(tar_path), fmt.format_index(index))
-    return len(data)
+    return len(data), hashlib.sha256(data).hexdigest()
 
 
 def frame_sizes(records) -> dict[str, int]:
@@ -107,9 +108,9 @@ def pack_split(out_dir: Path, name: str, split: str, records: dict[str, dict], v
                             fmt.LABEL_EXT: fmt.pack_int32(rec["label"]), fmt.FRAMES_EXT: fmt.pack_int32(rec["frames"]),
                             fmt.META_EXT: dump_json(rec).encode()})
             key_to_shard[k] = i
-        nbytes = write_shard(tar_path, samples)
+        nbytes, sha = write_shard(tar_path, samples)
         shards.append({"file": tar_path.name, "index": fmt.index_path(tar_path).name, "samples": len(keys),
-                       "frames": sum(records[k]["frames"] for k in keys), "bytes": nbytes})
+                       "frames": sum(records[k]["frames"] for k in keys), "bytes": nbytes, "sha256": sha})
     wanted = {s["file"] for s in shards} | {s["index"] for s in shards}
     for stale in list(split_dir.glob("*.tar")) + list(split_dir.glob("*.idx")):   # from an earlier, different run
         if stale.name not in wanted:

@@ -60,3 +60,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# `pytest -m unit`: the fast subset for the development loop (pure tensor maths, formats, metrics; no video decoding,
+# no subprocesses); `./run test` stays the full suite. One list, by module, so a new module opts in here.
+UNIT_MODULES = {"test_model_backbones", "test_model_heads", "test_model_queue", "test_model_losses", "test_model_fame",
+                "test_model_objectives", "test_multilevel_losses", "test_multilevel_model", "test_evaluate_metrics",
+                "test_preprocess_formats"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)
