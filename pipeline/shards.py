@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.container import Track, parse_mp4
-from preprocess import shard_format as shard_format
+from preprocess import shard_format
 
 # Video codecs by MP4 sample-entry fourcc. The CPU decoder of DALI 2.4 handles only these.
 CPU_CODECS = {"vp09": "VP9", "vp08": "VP8", "mjpa": "MJPEG", "mjpg": "MJPEG", "jpeg": "MJPEG"}
@@ -40,32 +40,6 @@ class Sample:
     track: Track | None  # the MP4's sample table (for trimming to the needed GOPs), None if not an MP4
 
 
-def _parse_index(path: Path) -> list[tuple[dict[str, tuple[int, int]], str]]:
-    """Parse a wds2idx index: ``v1.2 N`` then per sample ``ext offset size [name]`` groups.
-
-    Returns per sample ({ext: (offset, size)}, key); the key is "" when the index has no names."""
-    lines = path.read_text().split("\n")
-    head = lines[0].split()
-    if len(head) != 2 or not head[0].startswith("v1"):
-        raise ValueError(f"{path}: not a DALI webdataset index (first line {lines[0]!r})")
-    n = int(head[1])
-    samples = []
-    for line in lines[1:n + 1]:
-        tok = line.split()
-        # v1.2 written by DALI's wds2idx has a 4th field (the member name); accept 3-field groups too.
-        quads = (len(tok) % 4 == 0 and all(t.isdigit() for t in tok[1::4] + tok[2::4])
-                 and all(name.endswith("." + ext) for ext, name in zip(tok[0::4], tok[3::4])))
-        step = 4 if quads else 3
-        if len(tok) % step:
-            raise ValueError(f"{path}: malformed index line {line!r}")
-        comps = {tok[i]: (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok), step)}
-        key = tok[3].rsplit("/", 1)[-1].split(".", 1)[0] if quads else ""
-        samples.append((comps, key))
-    if len(samples) != n:
-        raise ValueError(f"{path}: header says {n} samples, found {len(samples)} lines: re-run `python -m preprocess`")
-    return samples
-
-
 class ShardSet:
     """The samples of one shard folder (``OUT/<split>``), read by offset through the ``.idx`` files."""
 
@@ -76,7 +50,7 @@ class ShardSet:
         self.classes = list(self.manifest.get("classes") or [])
         entries = []            # (tar number, components, key)
         for t, tar in enumerate(self.tars):
-            entries += [(t, comps, key) for comps, key in _parse_index(shard_format.index_path(tar))]
+            entries += [(t, comps, key) for comps, key in shard_format.parse_index(shard_format.index_path(tar))]
         if not entries:
             raise ValueError(f"{self.dir}: the shard set holds 0 samples: re-run `python -m preprocess`")
         need = (shard_format.VIDEO_EXT, shard_format.LABEL_EXT, shard_format.FRAMES_EXT)

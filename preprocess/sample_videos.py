@@ -25,6 +25,7 @@ import argparse
 import math
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import ffmpeg
@@ -162,18 +163,22 @@ def camera_texture(rng: np.random.Generator, side: int, scale: float) -> np.ndar
     return img
 
 
-def camera_render(motion: str, scene_seed: int, motion_seed: int, frames: int, h: int, w: int) -> np.ndarray:
+def camera_render(motion: str, scene_seed: int, motion_seed: int, frames: int, h: int, w: int,
+                  drift: int = 0) -> np.ndarray:
     """[frames, h, w, 3] uint8: the camera kind. The whole picture moves: a static textured scene seen by a camera
     that pans (content moves right / left / up / down in the frame) or rolls (content turns clockwise /
     counter-clockwise about the frame centre). The scene comes from scene_seed, the speed from motion_seed; the
     motion speeds up like `trajectory` (progress u ** ACCELERATION), so the set keeps an arrow of time.
-    Bilinear sampling of the scene canvas; the canvas is large enough that the frame never leaves it."""
+    Bilinear sampling of the scene canvas; the canvas is large enough that the frame never leaves it.
+    ``drift`` > 0 (the drift kind): the scene itself changes, cross-fading to a new texture every ``drift`` frames,
+    so that two windows of a video far apart share its motion but not its appearance."""
     scene, speed = np.random.default_rng(scene_seed), np.random.default_rng(motion_seed)
     short = min(h, w)
     travel = speed.uniform(0.8, 1.1) * short * frames / 64          # pixels over the video: ~3 px per frame at 240
     turn = speed.uniform(0.5, 0.75) * math.pi * frames / 64         # radians over the video for the rolls
     side = int(math.ceil(math.hypot(h, w) + 2 * travel)) + 4
-    canvas = camera_texture(scene, side, short / 240).astype(np.float32)
+    canvases = [camera_texture(scene, side, short / 240).astype(np.float32)
+                for _ in range(frames // drift + 2 if drift else 1)]
     progress = speeding_up(frames)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     py, px = yy - (h - 1) / 2, xx - (w - 1) / 2                     # output pixel relative to the frame centre
@@ -192,12 +197,18 @@ def camera_render(motion: str, scene_seed: int, motion_seed: int, frames: int, h
         sy = c + math.cos(ang) * qy - math.sin(ang) * qx
         sx = c + math.sin(ang) * qy + math.cos(ang) * qx
         y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
+        if drift:                               # the scene of frame t: a cross-fade between consecutive textures
+            k, a = divmod(t / drift, 1.0)
+            canvas = (1 - a) * canvases[int(k)] + a * canvases[int(k) + 1]
+        else:
+            canvas = canvases[0]
         img = bilinear(canvas, y0, x0, (sy - y0)[..., None], (sx - x0)[..., None])
         out[t] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
     return out
 
 
-KINDS = {"object": render, "camera": camera_render}
+DRIFT_FRAMES = 16   # the drift kind's scene changes completely every 16 frames (a FIMA window is 32)
+KINDS = {"object": render, "camera": camera_render, "drift": partial(camera_render, drift=DRIFT_FRAMES)}
 
 
 def encode(frames: np.ndarray, path: Path, fps: int = 25, pix_fmt: str = "yuv420p") -> None:
@@ -267,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", choices=tuple(KINDS), default="object",
                    help="object: one object moves over a static scene, the classes are its motion (a background-bias "
                    "benchmark); camera: the whole picture pans or rolls, the classes are that motion (motion over "
-                   "the whole frame, which a small model learns from labels in minutes on a CPU) (default: object)")
+                   "the whole frame, which a small model learns from labels in minutes on a CPU); drift: the camera "
+                   "kind over a scene that cross-fades to a new texture every 16 frames, so only the motion persists "
+                   "through a video (two windows of one video share nothing else) (default: object)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.scenes < 0:

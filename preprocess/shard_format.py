@@ -96,17 +96,36 @@ def format_index(samples: list[list[tuple[str, int, int, str]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_index(path: str | Path) -> list[dict[str, tuple[int, int]]]:
-    """Parse a DALI index: one dict per sample, ext -> (data_offset, size) in the tar."""
-    text = Path(path).read_text().split("\n")
-    head = text[0].split()
-    if len(head) != 2 or head[0] != INDEX_VERSION:
-        raise ValueError(f"{path}: not a {INDEX_VERSION} DALI webdataset index (first line {text[0]!r})")
+def parse_index(path: str | Path) -> list[tuple[dict[str, tuple[int, int]], str]]:
+    """Parse a wds2idx index: ``v1.2 N`` then per sample ``ext offset size [name]`` groups.
+
+    Returns per sample ({ext: (offset, size)}, key); the key is "" when the index has no names."""
+    lines = Path(path).read_text().split("\n")
+    head = lines[0].split()
+    if len(head) != 2 or not head[0].startswith("v1"):
+        raise ValueError(f"{path}: not a DALI webdataset index (first line {lines[0]!r})")
+    n = int(head[1])
     samples = []
-    for line in text[1:1 + int(head[1])]:
-        f = line.split(" ")
-        samples.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
+    for line in lines[1:n + 1]:
+        tok = line.split()
+        # v1.2 written by DALI's wds2idx has a 4th field (the member name); accept 3-field groups too.
+        quads = (len(tok) % 4 == 0 and all(t.isdigit() for t in tok[1::4] + tok[2::4])
+                 and all(name.endswith("." + ext) for ext, name in zip(tok[0::4], tok[3::4])))
+        step = 4 if quads else 3
+        if len(tok) % step:
+            raise ValueError(f"{path}: malformed index line {line!r}")
+        comps = {tok[i]: (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok), step)}
+        key = tok[3].rsplit("/", 1)[-1].split(".", 1)[0] if quads else ""
+        samples.append((comps, key))
+    if len(samples) != n:
+        raise ValueError(f"{path}: header says {n} samples, found {len(samples)} lines: re-run `python -m preprocess`")
     return samples
+
+
+def read_index(path: str | Path) -> list[dict[str, tuple[int, int]]]:
+    """The components of each sample of a DALI index: ext -> (data_offset, size) in the tar (``parse_index``
+    without the keys)."""
+    return [comps for comps, _ in parse_index(path)]
 
 
 def sample_key(member_name: str) -> str:

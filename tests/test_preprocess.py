@@ -388,13 +388,14 @@ def _block_shift(a: np.ndarray, b: np.ndarray, rows: slice, cols: slice, reach: 
     return min(err, key=err.get)
 
 
-def test_camera_sample_moves_the_whole_picture_in_the_class_direction_and_speeds_up(tmp_path):
-    """The camera kind, decoded with PyAV and measured by phase correlation (independent of the renderer): pans
-    shift the whole frame the class's way, rolls move the right half down (clockwise) or up, and later frames
-    move further per frame than early ones (the arrow of time)."""
+@pytest.mark.parametrize("kind", ["camera", "drift"])
+def test_camera_sample_moves_the_whole_picture_in_the_class_direction_and_speeds_up(tmp_path, kind):
+    """The camera kind (and the drift kind: the same motion over a scene that changes), decoded with PyAV and measured
+    by block matching (independent of the renderer): pans shift the whole frame the class's way, rolls move the right
+    half down (clockwise) or up, and later frames move further per frame than early ones (the arrow of time)."""
     from preprocess.sample_videos import CLASSES, make_sample_videos
     make_sample_videos(tmp_path, CLASSES, train_per_class=1, test_per_class=0, frames=32, height=96, width=128,
-                       progress=False, kind="camera")
+                       progress=False, kind=kind)
     expect = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
     for c in CLASSES:
         with av.open(str(tmp_path / "train" / c / f"{c}_000.mp4")) as f:
@@ -413,5 +414,11 @@ def test_camera_sample_moves_the_whole_picture_in_the_class_direction_and_speeds
             left = _block_shift(grey[28], grey[30], rows, slice(12, 24))
             sign = 1 if c == "clockwise" else -1      # clockwise on screen: the right side moves down
             assert sign * right[0] > 2 and sign * left[0] < -2 and abs(right[1]) <= 2, (c, right, left)
+    if kind == "drift":   # the scene changes: frames 16 apart share little appearance beyond the motion
+        with av.open(str(tmp_path / "train" / "right" / "right_000.mp4")) as f:
+            grey = np.stack([fr.to_ndarray(format="gray").astype(float) for fr in f.decode(video=0)])
+        near = np.corrcoef(grey[8].ravel(), grey[9].ravel())[0, 1]
+        far = max(abs(np.corrcoef(grey[0].ravel(), np.roll(grey[24], s, axis=1).ravel())[0, 1]) for s in range(-40, 1))
+        assert near > 0.9 and far < 0.5, (near, far)
     with pytest.raises(ValueError, match="sample kind 'pan'"):
         make_sample_videos(tmp_path / "bad", kind="pan", progress=False)

@@ -4,8 +4,8 @@
     torchrun --nproc-per-node=8 -m train --config k400_i3d_fima     # one node, 8 GPUs
     torchrun --nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m train --config ...
 
-Order of things: distributed set-up, run folder, model, data (what the model requires), optimiser, precision/compile/DDP wrapping,
-resume, then the loop. Checkpoints hold everything a resumed run needs to continue the same sample stream
+Order of things: distributed set-up, run folder, model, data (what the model requires), optimiser,
+precision/compile/DDP wrapping, resume, then the loop (with the quality monitor, when given). Checkpoints hold everything a resumed run needs to continue the same sample stream
 with the same augmentations (the pipeline draws every random parameter from (seed, epoch, position)).
 """
 from __future__ import annotations
