@@ -49,10 +49,10 @@ class FIMA(MoCo):
         m: float = 0.999, T: float = 0.1, dense_T: float = 0.1, dense_weight: float = 1.0, pos_ratio: float = 0.7,
         dense_coords: str = "normalized", d_model: int = 512, heads: int = 4, ffn_dim: int = 512,
         decoder_layers: int = 2, dropout: float = 0.1, self_negative_bug: bool = False, bn_groups: int = 1,
-        backbone_kwargs: dict | None = None,
+        batch_negatives: bool = False, backbone_kwargs: dict | None = None,
     ):
         super().__init__(backbone, dim=dim, K=K, m=m, T=T, self_negative_bug=self_negative_bug, bn_groups=bn_groups,
-                         backbone_kwargs=backbone_kwargs)
+                         batch_negatives=batch_negatives, backbone_kwargs=backbone_kwargs)
         if dense_coords not in ("normalized", "pixel"):
             raise ValueError(f"dense_coords must be 'normalized' or 'pixel', got {dense_coords!r}")
         self.dense_T, self.dense_weight, self.pos_ratio = dense_T, dense_weight, pos_ratio

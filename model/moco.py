@@ -13,6 +13,12 @@ training mode the query encoder runs on G consecutive sub-batches and the key en
 randomly permuted batch, so BatchNorm statistics come from sub-batches and a query and its positive key are
 normalised with different samples (MoCo section 3.3: otherwise the positive can be told from the queue by the
 batch statistics it shares with its query). With several processes shuffle-BN is real and G stays 1.
+`batch_negatives=True` adds the other videos' keys of the same step to each query's negatives (as SimCLR and MoCo
+v3 do). Not in the reference. With a queue alone, a representation that collapses to one point which drifts
+from step to step still finds its positive, the only key as fresh as itself: measured at CPU scale (Adam 1e-3,
+EMA 0.99), frozen embeddings of different videos ended at cosine 0.95, instance retrieval at chance, while the
+training-time instance accuracy read 0.3-0.7. Fresh negatives sit at the same drifting point, so they rule
+that out. Off by default (the papers' recipe); the small-scale presets turn it on.
 `self_negative_bug=True` reproduces the reference: the n -> m logits are formed after k_n was
 enqueued, so q_n meets its own key as a negative. Default False: both directions see the queue as it
 was before the step.
@@ -31,9 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import resolve_backbone
-from .distributed import batch_shuffle, batch_unshuffle
+from .distributed import batch_shuffle, batch_unshuffle, concat_all_gather, rank
 from .heads import Projector
-from .losses import info_nce, info_nce_logits, top1
+from .losses import fp32, info_nce, info_nce_logits, top1
 from .queue import KeyQueue
 
 
@@ -47,10 +53,11 @@ class MoCo(nn.Module):
 
     def __init__(
         self, backbone: str | Callable[[], nn.Module] = "i3d", *, dim: int = 128, K: int = 65536, m: float = 0.999,
-        T: float = 0.1, self_negative_bug: bool = False, bn_groups: int = 1, backbone_kwargs: dict | None = None,
+        T: float = 0.1, self_negative_bug: bool = False, bn_groups: int = 1, batch_negatives: bool = False,
+        backbone_kwargs: dict | None = None,
     ):
         super().__init__()
-        self.m, self.T, self.self_negative_bug = m, T, self_negative_bug
+        self.m, self.T, self.self_negative_bug, self.batch_negatives = m, T, self_negative_bug, batch_negatives
         if bn_groups < 1:
             raise ValueError(f"bn_groups must be at least 1, got {bn_groups}")
         self.bn_groups = bn_groups
@@ -110,16 +117,29 @@ class MoCo(nn.Module):
     def instance_loss(self, q_m, q_n, k_m, k_n) -> dict[str, torch.Tensor]:
         """Symmetric cross-clip MoCo loss; enqueues k_n then k_m (in training mode)."""
         queue = self.queue.snapshot()  # K x dim
-        logits_mn = info_nce_logits(q_m, k_n, queue, self.T)  # B x (1+K)
+        logits_mn = self._with_batch(info_nce_logits(q_m, k_n, queue, self.T), q_m, k_n)  # B x (1+K[+B-1])
         if self.training:
             self.queue.enqueue(k_n)
             if self.self_negative_bug:
                 queue = self.queue.snapshot()  # now holds k_n: q_n meets its own key
-        logits_nm = info_nce_logits(q_n, k_m, queue, self.T)  # B x (1+K)
+        logits_nm = self._with_batch(info_nce_logits(q_n, k_m, queue, self.T), q_n, k_m)  # B x (1+K[+B-1])
         if self.training:
             self.queue.enqueue(k_m)
         loss = 0.5 * (info_nce(logits_mn) + info_nce(logits_nm))
         return {"loss_inst": loss, "acc_inst": 0.5 * (top1(logits_mn) + top1(logits_nm))}
+
+    def _with_batch(self, logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """With batch_negatives: append q_i . k_j / T for the other videos j != i of this step (gathered over ranks,
+        so every rank sees the global batch) to the [positive, queue] logits."""
+        if not self.batch_negatives:
+            return logits
+        k_all = concat_all_gather(k)  # (W*B) x dim, rank order
+        B, off = q.shape[0], rank() * q.shape[0]
+        with fp32(q.device):
+            l_batch = q.float() @ k_all.float().T / self.T  # B x W*B
+            own = torch.arange(B, device=q.device) + off
+            l_batch[torch.arange(B, device=q.device), own] = float("-inf")  # the positive is already column 0
+            return torch.cat([logits, l_batch], dim=1)
 
     def moco_forward(self, x_m: torch.Tensor, x_n: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.training:

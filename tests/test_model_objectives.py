@@ -266,3 +266,28 @@ def test_bn_groups_is_split_batchnorm_with_permuted_keys():
         MoCo("i3d", K=16, bn_groups=0, backbone_kwargs=TINY_I3D)
     with pytest.raises(ValueError, match="2 samples per group"):
         MoCo("i3d", K=16, bn_groups=3, backbone_kwargs=TINY_I3D).train().encode_q(x)
+
+
+def test_batch_negatives_add_the_other_videos_keys_of_the_step():
+    """batch_negatives=True: each direction's loss is cross-entropy over [q.k_own, q.queue, q.k_other] / T, recomputed
+    here from the returned keys by hand; False keeps the reference's [q.k_own, q.queue]."""
+    torch.manual_seed(0)
+    obj = MoCo("i3d", K=16, T=0.2, batch_negatives=True, backbone_kwargs=TINY_I3D).eval()   # eval: no EMA / enqueue
+    batch = make_batch(B=3, S=32)
+    q_m, q_n = obj.encode_q(batch["rgb_m"])[1], obj.encode_q(batch["rgb_n"])[1]
+    (k_m,), (k_n,) = obj.key_forward(batch["rgb_m"], obj._embed_k), obj.key_forward(batch["rgb_n"], obj._embed_k)
+    queue = obj.queue.snapshot()
+
+    def by_hand(q, k, batch_negs):
+        losses = []
+        for i in range(len(q)):
+            cands = [k[i], *queue] + ([k[j] for j in range(len(k)) if j != i] if batch_negs else [])
+            logits = torch.stack([q[i] @ c for c in cands]) / 0.2
+            losses.append(-torch.log_softmax(logits, 0)[0])
+        return torch.stack(losses).mean()
+
+    out = obj.instance_loss(q_m, q_n, k_m, k_n)
+    assert torch.allclose(out["loss_inst"], 0.5 * (by_hand(q_m, k_n, True) + by_hand(q_n, k_m, True)), atol=1e-5)
+    obj.batch_negatives = False
+    out = obj.instance_loss(q_m, q_n, k_m, k_n)
+    assert torch.allclose(out["loss_inst"], 0.5 * (by_hand(q_m, k_n, False) + by_hand(q_n, k_m, False)), atol=1e-5)

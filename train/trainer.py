@@ -51,7 +51,8 @@ def objective_kwargs(cfg: dict, world_size: int = 1) -> dict:
         return dict(backbone=cfg["backbone"], cluster=cfg["cluster"], T=cfg["temperature"], split=cfg["split"],
                     thres=cfg["graph_threshold"], proto_queue=cfg["proto_queue"], queue_start=cfg["proto_queue_start"])
     kw = dict(backbone=cfg["backbone"], K=cfg["queue_size"], m=cfg["momentum_ema"], T=cfg["temperature"],
-              self_negative_bug=cfg["self_negative_bug"], bn_groups=bn_groups(cfg, world_size))
+              self_negative_bug=cfg["self_negative_bug"], bn_groups=bn_groups(cfg, world_size),
+              batch_negatives=cfg["batch_negatives"])
     if cfg["backbone_width"] != 1.0:
         kw["backbone_kwargs"] = {"width": cfg["backbone_width"]}
     if cfg["objective"] == "fima":
