@@ -58,6 +58,16 @@ class Context:
     cache_dir: Path | None = None
     extra: dict = field(default_factory=dict)   # command-specific flags (cam's --videos, finetune's --resume, ...)
 
+    def title(self, what: str, details: str, how: dict | None = None) -> str:
+        """The printed table's title: "<what>: <backbone> <source> (<checkpoint or seed>); <details>", plus where
+        the features came from when ``how`` (extract_train_test's second result) is given."""
+        model = self.info["path"] or f"seed {self.info.get('seed')}"
+        features = ""
+        if how is not None:
+            features = "; features: " + ", ".join(f"{n} {'cached' if h['cached'] else 'extracted'}"
+                                                  for n, h in how.items())
+        return f"{what}: {self.info['backbone']} {self.info['source']} ({model}); {details}{features}"
+
     def describe(self) -> dict:
         """The run's identity for results.json."""
         return {"protocol": self.settings.get("protocol"), "settings": self.settings,

@@ -192,9 +192,8 @@ def run(ctx: Context) -> int:
     rows = [("top-1 (%)", pct(top[1])), ("top-5 (%)", pct(top[5])), ("single-clip top-1 (%)", pct(info["clip_top1"])),
             ("epochs", str(s["epochs"])), ("test videos", str(info["videos"])),
             ("clips per video", str(info["clips_per_video"]))]
-    title = (f"fine-tune: {ctx.info['backbone']} {ctx.info['source']} "
-             f"({ctx.info['path'] or 'seed ' + str(ctx.info.get('seed'))}); {s['protocol']} protocol, last epoch, "
-             f"{s['test_clips']} clips x {s.get('test_crops', 1)} crop(s) per video, {s['average']} averaged")
+    title = ctx.title("fine-tune", f"{s['protocol']} protocol, last epoch, {s['test_clips']} clips x "
+                      f"{s.get('test_crops', 1)} crop(s) per video, {s['average']} averaged")
     write_results(ctx.out, "finetune", {**ctx.describe(), "result": result},
                   {"top1": top[1], "top5": top[5], "clip_top1": info["clip_top1"]}, rows, title, step=s["epochs"])
     return 0

@@ -37,9 +37,7 @@ def run(ctx: Context) -> int:
     table = [("top-1 (%)", pct(top[1])), ("top-5 (%)", pct(top[5]))]
     table += [(f"top-1 at k={kk} (%)", pct(v)) for kk, v in by_k.items() if kk != k]
     table += [("majority class (%)", pct(chance)), ("test / train videos", f"{len(ql)} / {len(gl)}")]
-    cached = ", ".join(f"{n} {'cached' if h['cached'] else 'extracted'}" for n, h in how.items())
-    title = (f"kNN: {ctx.info['backbone']} {ctx.info['source']} "
-             f"({ctx.info['path'] or 'seed ' + str(ctx.info.get('seed'))}); k={k}, T={T}, test videos vote by train "
-             f"videos, {s['test_clips']} clips per video; features: {cached}")
+    title = ctx.title("kNN", f"k={k}, T={T}, test videos vote by train videos, {s['test_clips']} clips per video",
+                      how)
     write_results(ctx.out, "knn", {**ctx.describe(), "result": result}, scalars, table, title)
     return 0

@@ -108,14 +108,11 @@ def run(ctx: Context) -> int:
     scalars = {"top1": top[1], "top5": top[5], "clip_top1": clip_top1, "train_top1": train_top1}
     if extraction:
         scalars["extract_videos_per_s"] = sum(h["videos_per_s"] for h in extraction) / len(extraction)
-    cached = ", ".join(f"{n} {'cached' if h['cached'] else 'extracted'}" for n, h in how.items())
     rows = [("top-1 (%)", pct(top[1])), ("top-5 (%)", pct(top[5])),
             ("single-clip top-1 (%)", pct(clip_top1)), ("train top-1 (%)", pct(train_top1)),
             ("test videos", str(len(videos))), ("clips per video", str(per_video)),
             ("probe training (s)", f"{train_seconds:.1f}")]
-    title = (f"linear probe: {ctx.info['backbone']} {ctx.info['source']} "
-             f"({ctx.info['path'] or 'seed ' + str(ctx.info.get('seed'))}); {ctx.settings['protocol']} protocol, "
-             f"{s['test_clips']} clips x {s.get('test_crops', 1)} crop(s) per video, {s['average']} averaged; "
-             f"features: {cached}")
+    title = ctx.title("linear probe", f"{ctx.settings['protocol']} protocol, {s['test_clips']} clips x "
+                      f"{s.get('test_crops', 1)} crop(s) per video, {s['average']} averaged", how)
     write_results(ctx.out, "linear", {**ctx.describe(), "result": result}, scalars, rows, title, step=s["epochs"])
     return 0

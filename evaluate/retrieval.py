@@ -42,10 +42,8 @@ def run(ctx: Context) -> int:
     table += [(f"R@{k} {other} (%)", pct(recall[other][k])) for k in ks[:2]]
     table += [(f"R@{k} chance (%)", pct(chance[k])) for k in ks[:1]]
     table += [("queries / gallery", f"{len(ql)} / {len(gl)}")]
-    cached = ", ".join(f"{n} {'cached' if h['cached'] else 'extracted'}" for n, h in how.items())
-    title = (f"retrieval: {ctx.info['backbone']} {ctx.info['source']} "
-             f"({ctx.info['path'] or 'seed ' + str(ctx.info.get('seed'))}); test queries x train gallery, "
-             f"{headline} cosine, {s['test_clips']} clips per video; features: {cached}")
+    title = ctx.title("retrieval", f"test queries x train gallery, {headline} cosine, {s['test_clips']} clips per "
+                      "video", how)
     write_results(ctx.out, "retrieval", {**ctx.describe(), "result": result}, scalars, table, title)
     return 0
 

@@ -167,9 +167,7 @@ def run(ctx: Context) -> int:
             ("train clips (%)", pct(train["clip_accuracy"])),
             ("maps' motion focus (mean)", "n/a" if not focus else f"{np.mean(focus):.2f}"),
             ("head training (s)", f"{train_seconds:.1f}")]
-    title = (f"temporal order: {ctx.info['backbone']} {ctx.info['source']} "
-             f"({ctx.info['path'] or 'seed ' + str(ctx.info.get('seed'))}); forward vs time-reversed clips, "
-             f"bias-free linear head on pooled features, {s['test_clips']} clips per video (chance 50 %); "
-             f"maps in {ctx.out}")
+    title = ctx.title("temporal order", "forward vs time-reversed clips, bias-free linear head on pooled features, "
+                      f"{s['test_clips']} clips per video (chance 50 %); maps in {ctx.out}")
     write_results(ctx.out, "temporal", {**ctx.describe(), "result": result}, scalars, rows, title, step=s["epochs"])
     return 0
