@@ -87,7 +87,7 @@ class MoCo(nn.Module):
         """Key encoder on x [B, 3, T, H, W] with shuffle-BN; `head` maps the feature map to per-sample
         outputs (computed on the shuffled batch), which are returned in the original order."""
         x, idx_unshuffle = batch_shuffle(x)
-        if self.training and self.bn_groups > 1:   # one-process shuffle-BN: sub-batches of a permuted batch
+        if self.training and min(self.bn_groups, x.shape[0] // 2) > 1:   # one-process shuffle-BN: permuted sub-batches
             perm = torch.randperm(x.shape[0], device=x.device)  # B
             outs = head(self._grouped(self.encoder_k, x[perm]))
             outs = tuple(o[torch.argsort(perm)] for o in outs)
@@ -96,13 +96,12 @@ class MoCo(nn.Module):
         return tuple(batch_unshuffle(o, idx_unshuffle) for o in outs)
 
     def _grouped(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """encoder on bn_groups consecutive sub-batches of x (BatchNorm statistics per sub-batch), concatenated."""
-        if not self.training or self.bn_groups == 1:
+        """encoder on bn_groups consecutive sub-batches of x (BatchNorm statistics per sub-batch), concatenated.
+        A batch too small for two samples per group (a memory probe, a last partial batch) uses fewer groups."""
+        groups = min(self.bn_groups, x.shape[0] // 2)
+        if not self.training or groups <= 1:
             return encoder(x)
-        if x.shape[0] < 2 * self.bn_groups:
-            raise ValueError(f"bn_groups={self.bn_groups} needs at least 2 samples per group, the batch has "
-                             f"{x.shape[0]}: lower bn_groups or raise the batch size")
-        return torch.cat([encoder(c) for c in x.chunk(self.bn_groups)])
+        return torch.cat([encoder(c) for c in x.chunk(groups)])
 
     def _embed_k(self, fmap: torch.Tensor) -> tuple[torch.Tensor]:
         return (F.normalize(self.projector_k(fmap.mean(dim=(2, 3, 4))), dim=1),)  # B x dim
