@@ -14,11 +14,11 @@ randomly permuted batch, so BatchNorm statistics come from sub-batches and a que
 normalised with different samples (MoCo section 3.3: otherwise the positive can be told from the queue by the
 batch statistics it shares with its query). With several processes shuffle-BN is real and G stays 1.
 `batch_negatives=True` adds the other videos' keys of the same step to each query's negatives (as SimCLR and MoCo
-v3 do). Not in the reference. With a queue alone, a representation that collapses to one point which drifts
-from step to step still finds its positive, the only key as fresh as itself: measured at CPU scale (Adam 1e-3,
-EMA 0.99), frozen embeddings of different videos ended at cosine 0.95, instance retrieval at chance, while the
-training-time instance accuracy read 0.3-0.7. Fresh negatives sit at the same drifting point, so they rule
-that out. Off by default (the papers' recipe); the small-scale presets turn it on.
+v3 do). Not in the reference. Why it exists: with a queue alone, a representation that collapses to one point
+which drifts from step to step still finds its positive, the only key as fresh as itself (measured at CPU
+scale, Adam 1e-3, EMA 0.99: frozen embeddings of different videos ended at cosine 0.95 while the training-time
+instance accuracy read 0.3-0.7). Fresh negatives sit at the same point, so within the batch that shortcut
+fails; against a long queue of stale keys it still pays (README, Status). Off by default (the papers' recipe).
 `self_negative_bug=True` reproduces the reference: the n -> m logits are formed after k_n was
 enqueued, so q_n meets its own key as a negative. Default False: both directions see the queue as it
 was before the step.

@@ -43,8 +43,8 @@ DEFAULTS: dict[str, tuple[object, str]] = {
     "self_negative_bug": (False, "FIMA/MoCo/FAME: reproduce the reference's second-direction self-negative (its "
                                  "own key and the batch's fresh keys among the n->m negatives)"),
     "batch_negatives": (False, "FIMA/MoCo/FAME instance loss: the other videos' keys of the same step are negatives "
-                                "too (SimCLR / MoCo v3; not in the reference): rules out a collapsed representation "
-                                "that drifts and finds its positive by key age (see README Status)"),
+                                "too (SimCLR / MoCo v3; not in the reference): a collapsed representation that drifts "
+                                "cannot find its positive by key age among them (see README Status)"),
     "bn_groups": (0, "BatchNorm over this many sub-batches on one process, key batch permuted: shuffle-BN "
                      "emulation (MoCo's single-GPU demo); 0 = auto: min(8, batch_size // 4) on one process, 1 (off) "
                      "with several processes, where shuffle-BN is real"),
