@@ -87,7 +87,7 @@ class MoCo(nn.Module):
         """Key encoder on x [B, 3, T, H, W] with shuffle-BN; `head` maps the feature map to per-sample
         outputs (computed on the shuffled batch), which are returned in the original order."""
         x, idx_unshuffle = batch_shuffle(x)
-        if self.training and min(self.bn_groups, x.shape[0] // 2) > 1:   # one-process shuffle-BN: permuted sub-batches
+        if self._groups(x.shape[0]) > 1:   # one-process shuffle-BN: sub-batches of a permuted batch
             perm = torch.randperm(x.shape[0], device=x.device)  # B
             outs = head(self._grouped(self.encoder_k, x[perm]))
             outs = tuple(o[torch.argsort(perm)] for o in outs)
@@ -95,11 +95,15 @@ class MoCo(nn.Module):
             outs = head(self.encoder_k(x))
         return tuple(batch_unshuffle(o, idx_unshuffle) for o in outs)
 
+    def _groups(self, batch: int) -> int:
+        """BatchNorm sub-batches for a batch of this size: bn_groups in training mode, fewer when the batch is too
+        small for two samples per group (a memory probe, a last partial batch), 1 in eval mode."""
+        return min(self.bn_groups, batch // 2) if self.training else 1
+
     def _grouped(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """encoder on bn_groups consecutive sub-batches of x (BatchNorm statistics per sub-batch), concatenated.
-        A batch too small for two samples per group (a memory probe, a last partial batch) uses fewer groups."""
-        groups = min(self.bn_groups, x.shape[0] // 2)
-        if not self.training or groups <= 1:
+        """encoder on the `_groups` consecutive sub-batches of x (BatchNorm statistics per sub-batch), concatenated."""
+        groups = self._groups(x.shape[0])
+        if groups <= 1:
             return encoder(x)
         return torch.cat([encoder(c) for c in x.chunk(groups)])
 

@@ -128,6 +128,16 @@ def read_index(path: str | Path) -> list[dict[str, tuple[int, int]]]:
     return [comps for comps, _ in parse_index(path)]
 
 
+def frame_sizes(records) -> dict[str, int]:
+    """{"WxH": number of samples} over sample records with "width" and "height"."""
+    sizes: dict[str, int] = {}
+    for r in records:
+        if r.get("width"):
+            k = f"{r['width']}x{r['height']}"
+            sizes[k] = sizes.get(k, 0) + 1
+    return dict(sorted(sizes.items()))
+
+
 def sample_key(member_name: str) -> str:
     """WebDataset's rule: the key is the member name up to the first dot of its base name."""
     slash = member_name.rfind("/") + 1

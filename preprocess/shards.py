@@ -80,16 +80,6 @@ def write_shard(tar_path: Path, samples: list[dict[str, bytes]]) -> tuple[int, s
     return len(data), hashlib.sha256(data).hexdigest()
 
 
-def frame_sizes(records) -> dict[str, int]:
-    """{"WxH": number of samples} over sample records with "width" and "height"."""
-    sizes: dict[str, int] = {}
-    for r in records:
-        if r.get("width"):
-            k = f"{r['width']}x{r['height']}"
-            sizes[k] = sizes.get(k, 0) + 1
-    return dict(sorted(sizes.items()))
-
-
 def pack_split(out_dir: Path, name: str, split: str, records: dict[str, dict], video_file, classes: list[str],
                encoding: dict, seed: int, max_bytes: int, max_samples: int, skipped: int) -> dict:
     """Write OUT/<split>/: shards, indexes, manifest.json. `records` maps key -> the sample's JSON record
@@ -123,7 +113,7 @@ def pack_split(out_dir: Path, name: str, split: str, records: dict[str, dict], v
         "num_bytes": sum(s["bytes"] for s in shards), "num_skipped": skipped,
         "encoding": encoding, "shuffle_seed": seed, "shards": shards,
         # the coded frame sizes (WxH: count): one size, multiples of 16, is what DALI's GPU decoder cache reuses
-        "frame_sizes": frame_sizes(records.values()),
+        "frame_sizes": fmt.frame_sizes(records.values()),
         "fields": {"video": fmt.VIDEO_EXT, "label": fmt.LABEL_EXT + " (int32 LE, -1 = unlabelled)",
                    "frames": fmt.FRAMES_EXT + " (int32 LE)", "meta": fmt.META_EXT},
         # input -> key map, sorted by source path

@@ -843,11 +843,8 @@ class Doctor:
         enc = s["manifest"].get("encoding") or {}
         size = enc.get("size")
         infos = self._samples()["infos"]
-        sizes: dict[str, int] = {}
-        for i in infos:
-            if i.get("width"):
-                k = f"{i['width']}x{i['height']}"
-                sizes[k] = sizes.get(k, 0) + 1
+        from preprocess.shard_format import frame_sizes
+        sizes = frame_sizes(infos)
         # DALI 2.4 looks a free decoder up by coded size but files it under the display size: a side that is not a
         # multiple of 16 (coded sizes are padded to the block size) never hits the cache (DESIGN.md §8)
         padded = sorted(k for k in sizes if any(int(v) % 16 for v in k.split("x")))

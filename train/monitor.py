@@ -66,12 +66,17 @@ class QualityMonitor:
         if missing:
             raise FileNotFoundError(f"monitor={data}: no {' and '.join(missing)} shard set(s) there; give a folder "
                                     "holding train/ and test/ of a labelled `python -m preprocess SRC OUT` run")
+        top_label, listed = 0, 0
         for split in ("train", "test"):
-            labels = ShardSet(root / split).labels()
+            shards = ShardSet(root / split)
+            labels = shards.labels()
+            shards.close()
             if (labels < 0).any():
                 raise ValueError(f"monitor={data}: {split} has {int((labels < 0).sum())} unlabelled videos; the "
                                  "monitor needs a labelled shard set")
-        self.classes = len(ShardSet(root / "train").manifest.get("classes") or []) or int(labels.max()) + 1
+            top_label = max(top_label, int(labels.max()))
+            listed = max(listed, len(shards.manifest.get("classes") or []))
+        self.classes = max(listed, top_label + 1)   # the class list, or the labels when a manifest lists none
         self.k, self.T = k, T
         cfg = AugConfig(num_frames=frames, stride=stride, crop_size=crop, color_aug=False, blur_p=0.0, flip_p=0.0,
                         test_clips=clips)
