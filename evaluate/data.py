@@ -5,6 +5,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import AugConfig, ShardSet
 
 from .backbone import EvalError
@@ -48,7 +50,9 @@ def open_split(name: str, path: Path, labelled: bool = True) -> Split:
         raise EvalError(f"{name} shards: {e}") from None
     m = shards.manifest
     if labelled:
-        labels = shards.labels()
+        # the manifest's labels: a damaged sample's bytes must not make the whole set look unlabelled
+        listed = [r["label"] for r in m.get("samples", []) if "label" in r]
+        labels = np.asarray(listed) if len(listed) == len(shards) else shards.labels()
         missing = int((labels < 0).sum())
         if missing:
             raise EvalError(f"{path}: {missing} of {len(labels)} videos have no label (label -1): evaluation needs a "

@@ -49,7 +49,8 @@ def pooled(backbone: nn.Module, kind: str = "pooled"):
 
 def test_loop(fn, split: Split, s: dict, rt: Runtime, desc: str = "test") -> tuple[dict[str, torch.Tensor], dict]:
     """Rows {"out" [N, D] float32, "label", "index", "clip", "crop" int64 [N]} sorted by (index, crop, clip), and
-    timing {"seconds", "videos_per_s", "clips_per_s"}."""
+    {"seconds", "videos_per_s", "clips_per_s", "undecodable"}: a video that cannot be read or decoded has no rows
+    and is listed in "undecodable" (key, index, error; from every rank), never dropped silently."""
     d = rt.d
     per_rank = max(1, s["batch_size"] // d.world_size)
     loader = eval_loader(split.dir, "test", batch_size=per_rank, config=test_config(s),
@@ -69,6 +70,7 @@ def test_loop(fn, split: Split, s: dict, rt: Runtime, desc: str = "test") -> tup
                     rows[k].append(batch[k].cpu()[keep])
         if rt.use_cuda:
             torch.cuda.synchronize(d.device)
+        bad = [{k: r.get(k) for k in ("key", "index", "error")} for r in loader.bad.values()]
     finally:
         loader.close()
     seconds = time.perf_counter() - t0
@@ -78,14 +80,18 @@ def test_loop(fn, split: Split, s: dict, rt: Runtime, desc: str = "test") -> tup
         dist.all_gather_object(parts, local)
         local = {k: torch.cat([p[k] for p in parts]) for k in local}
         seconds = max(D.mean_over_ranks({"s": seconds}, d)["s"], seconds)
+        bad = [r for rank in D.gather_objects(bad, d) for r in rank]
+    bad = sorted({r["index"]: r for r in bad}.values(), key=lambda r: r["index"])
     key = (local["index"] * (s.get("test_crops", 1) + 1) + local["crop"]) * (s["test_clips"] + 1) + local["clip"]
     order = torch.argsort(key, stable=True)
     out = {k: v[order] for k, v in local.items()}
     if len(torch.unique(key)) != len(key):
         raise RuntimeError("the test loop saw a clip twice: the loader's rank split is broken")
-    if len(torch.unique(out["index"])) != split.num_videos:
-        raise RuntimeError(f"the test loop saw {len(torch.unique(out['index']))} of {split.num_videos} videos")
-    stats = {"seconds": seconds, "videos_per_s": split.num_videos / seconds, "clips_per_s": len(key) / seconds}
+    seen = set(torch.unique(out["index"]).tolist())
+    if len(seen) + len(bad) != split.num_videos or seen & {r["index"] for r in bad}:
+        raise RuntimeError(f"the test loop saw {len(seen)} of {split.num_videos} videos ({len(bad)} undecodable)")
+    stats = {"seconds": seconds, "videos_per_s": split.num_videos / seconds, "clips_per_s": len(key) / seconds,
+             "undecodable": bad}
     return out, stats
 
 
@@ -121,12 +127,12 @@ def extract_features(backbone: nn.Module, info: dict, split: Split, s: dict, rt:
     extracted})."""
     key, desc = cache_key(info, split, s, rt.precision, kind)
     path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
-    rows = None
+    rows, bad = None, []
     if path is not None and path.is_file():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             if blob.get("describe") == desc:
-                rows = blob["rows"]
+                rows, bad = blob["rows"], blob.get("undecodable", [])
         except Exception as e:   # a truncated or foreign file: extract again and overwrite it
             print(f"warning: ignoring unreadable feature cache {path} ({type(e).__name__}: {str(e)[:100]})")
     if D.any_rank(rows is None, rt.d):   # every rank takes part in the extraction, or none does
@@ -135,11 +141,11 @@ def extract_features(backbone: nn.Module, info: dict, split: Split, s: dict, rt:
         if path is not None and rt.d.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            torch.save({"describe": desc, "rows": rows}, tmp)
+            torch.save({"describe": desc, "rows": rows, "undecodable": stats["undecodable"]}, tmp)
             os.replace(tmp, path)
             path.with_suffix(".json").write_text(json.dumps(desc, indent=1))
         return rows, {"cached": False, "path": str(path) if path else None, "key": key, **stats}
-    return rows, {"cached": True, "path": str(path), "key": key}
+    return rows, {"cached": True, "path": str(path), "key": key, "undecodable": bad}
 
 
 def extract_train_test(ctx, kind: str = "pooled") -> tuple[dict, dict]:

@@ -188,7 +188,10 @@ def run(ctx: Context) -> int:
     result = {"top1": top[1], "top5": top[5], "clip_top1": info["clip_top1"], "epoch": s["epochs"],
               "test_videos": info["videos"], "clips_per_video": info["clips_per_video"], "average": s["average"],
               "effective_lr": base_lr, "test_speed": info["speed"], "history": history,
-              "checkpoint": str(ckpts.paths()[0]) if ckpts.paths() else None}
+              "checkpoint": str(ckpts.paths()[0]) if ckpts.paths() else None,
+              "undecodable_records": {"train": [{k: r.get(k) for k in ("key", "index", "error")}
+                                                for r in loader.bad.values()],
+                                      "test": info["speed"]["undecodable"]}}
     rows = [("top-1 (%)", pct(top[1])), ("top-5 (%)", pct(top[5])), ("single-clip top-1 (%)", pct(info["clip_top1"])),
             ("epochs", str(s["epochs"])), ("test videos", str(info["videos"])),
             ("clips per video", str(info["clips_per_video"]))]

@@ -28,6 +28,11 @@ def write_results(out: Path, command: str, payload: dict, scalars: dict[str, flo
     """out/results.json (payload + environment), TensorBoard scalars ``<command>/<name>`` at ``step`` in out/tb,
     and the table ``rows`` printed under ``title``. Returns the JSON path."""
     out.mkdir(parents=True, exist_ok=True)
+    result = payload.get("result")
+    if isinstance(result, dict):   # videos that could not be decoded: counted, named, and in the table
+        bad = undecodable(result)
+        result["undecodable"] = {split: {"count": len(v), "keys": [r["key"] for r in v]} for split, v in bad.items()}
+        rows = list(rows) + [(f"undecodable {split} videos (left out)", str(len(v))) for split, v in bad.items() if v]
     payload = {"command": command, "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "versions": {"python": platform.python_version(), "torch": torch.__version__}, **payload,
                "scalars": scalars}
@@ -48,6 +53,15 @@ def write_results(out: Path, command: str, payload: dict, scalars: dict[str, flo
     print("-" * (width + 14))
     print(f"results: {path}   TensorBoard: {out / 'tb'}")
     return path
+
+
+def undecodable(result: dict) -> dict[str, list[dict]]:
+    """{split: [bad video records]} from a result's "features" (extract_train_test's ``how``) or its own
+    "undecodable_records" (commands with their own loops)."""
+    found = {split: h.get("undecodable", []) for split, h in (result.get("features") or {}).items()
+             if isinstance(h, dict)}
+    found.update(result.pop("undecodable_records", {}))
+    return found
 
 
 def pct(x: float | None) -> str:

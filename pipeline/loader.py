@@ -11,12 +11,24 @@ and ``load_state_dict()`` continues the same stream (and, since every random dra
         loader.set_epoch(epoch)
         for batch in loader:          # dict of tensors; clips [B,3,T,S,S] float32, channels_last_3d
             ...
+
+Bad samples (a damaged tar member, an index that points elsewhere, a video the decoder rejects) do not end a
+run. A read failure is caught where the sample is read; a decode failure fails the whole DALI batch, so the
+loader decodes each pending sample alone to find the culprit(s), then rebuilds the pipeline at the same
+position. Either way the sample joins ``loader.bad`` (video index -> record: key, shard, byte offset, error,
+epoch, step, rank) and is never fed again, and its place in the stream goes to a deterministic substitute:
+**the next good sample in that epoch's order** (wrapping round), drawn with the random numbers of the bad
+sample's position. So batch shapes and per-rank step counts never change, and the stream depends only on
+the set of bad samples, not on when they were found: a resumed run that is told the bad set up front
+(``exclude()``) feeds exactly what the uninterrupted run fed. Test-mode loaders (evaluation clips) feed a
+padding unit instead (label = index = -1), so a bad test video is left out of the metrics, and reported.
 """
 from __future__ import annotations
 
 import collections
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +40,7 @@ from pipeline.config import OBJECTIVE_OUTPUTS, AugConfig
 from pipeline.container import trim_to_ivf
 from pipeline.graph import BACKENDS, video_graph
 from pipeline.multilevel import is_multilevel, multilevel_feed, multilevel_graph, multilevel_spec
-from pipeline.shards import CodecError, ShardSet, check_codec
+from pipeline.shards import CodecError, SampleError, ShardSet, check_codec
 from pipeline.views import Spec, eval_feed, eval_spec, pretrain_feed, pretrain_spec
 
 log = logging.getLogger(__name__)
@@ -68,6 +80,9 @@ class VideoLoader:
         self.stats = collections.Counter()
         self._pipe = None
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.bad: dict[int, dict] = {}           # video index -> record of why it is set aside
+        self._new_bad: list[dict] = []           # found since the last take_new_bad()
+        self._bad_lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=max(1, io_threads))
         self._check_first_sample()
 
@@ -84,6 +99,27 @@ class VideoLoader:
     def padding_per_epoch(self) -> int:
         """Units repeated to fill the last global batch (all ranks together)."""
         return self.steps * self.world_size * self.batch_size - self.num_units
+
+    def exclude(self, records: list[dict]) -> int:
+        """Set samples aside before they are met: records with "index" (from ``bad`` / bad_samples.jsonl) or
+        just "key" (e.g. `python -m preprocess verify`'s bad_keys.txt). Keys of other shard sets are ignored.
+        Returns how many samples of this set were added. Prefetched batches are dropped (re-fed without them)."""
+        by_key = {self.shards.key(i): i for i in range(len(self.shards))}
+        added = 0
+        for r in records:   # the key is the identity; an index alone only for sets whose index has no names
+            index = by_key.get(r["key"]) if r.get("key") else r.get("index")
+            if index is not None and int(index) not in self.bad:
+                self.bad[int(index)] = dict(r, index=int(index))
+                added += 1
+        if added:
+            self._pipe = None
+        return added
+
+    def take_new_bad(self) -> list[dict]:
+        """The bad-sample records found since the last call (to log, and to share with the other ranks)."""
+        with self._bad_lock:
+            out, self._new_bad = self._new_bad, []
+        return out
 
     def set_epoch(self, epoch: int) -> None:
         """Jump to the start of ``epoch`` unless that epoch is already the current one."""
@@ -125,7 +161,15 @@ class VideoLoader:
             raise CodecError(f"{self.shards.dir}: the shards are {codec}, which DALI's CPU video decoder cannot decode "
                              "(it handles VP9, VP8 and MJPEG only). Re-shard with VP9: "
                              "`python -m preprocess SRC OUT --codec vp9`, or use backend='gpu'.")
-        check_codec(self.shards.read(0), self.backend, str(self.shards.tars[0]))
+        for index in range(len(self.shards)):
+            try:
+                sample = self.shards.read(index)
+            except SampleError:
+                continue                  # set aside when the stream meets it
+            check_codec(sample, self.backend, str(self.shards.tars[0]))
+            return
+        raise SampleError(f"{self.shards.dir}: no sample of the {len(self.shards)} can be read: check the shards with "
+                          f"`python -m preprocess verify {self.shards.dir}`")
 
     def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if epoch not in self._orders:
@@ -155,12 +199,52 @@ class VideoLoader:
                 feed.decoded = int(cut[0][24:28].view(np.uint32)[0])      # the IVF header's frame count
         return feed
 
+    def _mark_bad(self, err: SampleError, epoch: int, step: int) -> None:
+        record = {"key": err.key or self.shards.key(err.index), "index": err.index, "shard": err.shard,
+                  "offset": err.offset, "error": str(err), "epoch": epoch, "step": step, "rank": self.rank}
+        with self._bad_lock:
+            if err.index not in self.bad:
+                self.bad[err.index] = record
+                self._new_bad.append(record)
+                log.info("bad sample set aside: %s", err)
+
+    def _stand_in(self, units: np.ndarray, is_pad: np.ndarray, p: int) -> tuple[int, bool]:
+        """(unit, padding?) fed at position p: its own unit, or for a bad video the next good one in the epoch's
+        order (test mode: that one as padding, label -1, so the metrics skip it)."""
+        good = lambda u: int(u) // self.clips_per_video not in self.bad      # noqa: E731
+        if good(units[p]):
+            return int(units[p]), bool(is_pad[p])
+        for q in range(p + 1, p + len(units)):
+            if good(units[q % len(units)]):
+                return int(units[q % len(units)]), self.kind == "test" or bool(is_pad[p])
+        raise SampleError(f"{self.shards.dir}: every sample is set aside as bad: check the shards with "
+                          f"`python -m preprocess verify {self.shards.dir}`")
+
+    def _feed_at(self, epoch: int, step: int, p: int):
+        """(video index, feed) of stream position p, setting aside (and replacing) samples that cannot be read."""
+        units, is_pad = self._order(epoch)
+        while True:
+            unit, pad = self._stand_in(units, is_pad, p)
+            try:
+                return unit // self.clips_per_video, self._feed_one(epoch, p, unit, pad)
+            except SampleError as e:
+                self._mark_bad(e, epoch, step)
+
+    def _batch_feeds(self, epoch: int, step: int) -> list:
+        pos = sampling.batch_positions(step, self.rank, self.world_size, self.batch_size)
+        return [f for _, f in self._io.map(lambda p: self._feed_at(epoch, step, int(p)), pos)]
+
+    def _columns(self, feeds: list) -> tuple:
+        fields = {"encoded": lambda f: f.encoded, "frames": lambda f: f.frames, "orders": lambda f: f.orders,
+                  "rois": lambda f: f.rois, "colour": lambda f: f.colour}
+        return tuple([fields[k](f) if k in fields else f.meta[k] for f in feeds] for k in self.spec.feed_fields)
+
     def _source(self):
         """External-source callback: the next batch of the stream (DALI calls it ahead, by ``prefetch``)."""
         epoch, step = self._fed
         units, is_pad = self._order(epoch)
         pos = sampling.batch_positions(step, self.rank, self.world_size, self.batch_size)
-        feeds = list(self._io.map(lambda p: self._feed_one(epoch, int(p), int(units[p]), bool(is_pad[p])), pos))
+        feeds = self._batch_feeds(epoch, step)
         self.stats["short"] += sum(f.short for f in feeds)
         self.stats["same_window"] += sum(f.same_window for f in feeds)
         self.stats["padding"] += int(is_pad[pos].sum())
@@ -171,10 +255,7 @@ class VideoLoader:
                         "loader.stats['short'] counts them", self.shards.dir, self.spec.cfg.num_frames * self.spec.cfg.stride)
         self._pending.append((epoch, step))
         self._fed = (epoch, step + 1) if step + 1 < self.steps else (epoch + 1, 0)
-        fields = {"encoded": lambda f: f.encoded, "frames": lambda f: f.frames, "orders": lambda f: f.orders,
-                  "rois": lambda f: f.rois, "colour": lambda f: f.colour}
-        cols = [[fields[k](f) if k in fields else f.meta[k] for f in feeds] for k in self.spec.feed_fields]
-        return tuple(cols)
+        return self._columns(feeds)
 
     # ------------------------------------------------------------------ running
     def _seek(self, epoch: int, step: int) -> None:
@@ -183,20 +264,59 @@ class VideoLoader:
         self.epoch, self.step = epoch, step
         self._pipe = None                         # prefetched batches belong to the old position
 
+    def _graph(self, source, batch_size: int, num_threads: int, prefetch: int):
+        graph = multilevel_graph if self.kind == "multilevel" else video_graph
+        pipe = graph(self.spec, source, self.backend, batch_size=batch_size, num_threads=num_threads,
+                     device_id=None if self.backend == "cpu" else self.device_id, prefetch_queue_depth=prefetch,
+                     seed=self.seed)
+        pipe.build()
+        return pipe
+
     def _build(self) -> None:
         self._fed = (self.epoch, self.step)
         self._pending = collections.deque()
         self._warned_short = getattr(self, "_warned_short", False)
-        graph = multilevel_graph if self.kind == "multilevel" else video_graph
-        self._pipe = graph(self.spec, self._source, self.backend, batch_size=self.batch_size,
-                                 num_threads=self.num_threads, device_id=None if self.backend == "cpu" else self.device_id,
-                                 prefetch_queue_depth=self.prefetch, seed=self.seed)
-        self._pipe.build()
+        self._pipe = self._graph(self._source, self.batch_size, self.num_threads, self.prefetch)
+
+    def _decodes_alone(self, feed) -> str | None:
+        """None when one sample's feed runs through the graph on its own, else DALI's error text."""
+        cols = self._columns([feed])
+        try:
+            self._graph(lambda: cols, 1, 1, 1).run()
+        except RuntimeError as e:
+            return _dali_reason(e)
+        return None
+
+    def _find_culprits(self) -> int:
+        """After a failed batch: decode each sample of the batches in flight alone; set aside those that fail.
+        Returns how many were found (0: the failure was not a sample's)."""
+        found = 0
+        for epoch, step in list(self._pending):
+            for p in sampling.batch_positions(step, self.rank, self.world_size, self.batch_size):
+                video, feed = self._feed_at(epoch, step, int(p))
+                error = self._decodes_alone(feed)
+                if error is not None:
+                    shard, offset = self.shards.location(video)
+                    self._mark_bad(SampleError(f"{shard}: sample {video} ({self.shards.key(video)}) at byte {offset} "
+                                               f"does not decode: {error}", video, self.shards.key(video), shard,
+                                               offset), epoch, step)
+                    found += 1
+            if found:
+                return found
+        return found
 
     def _next(self) -> dict[str, torch.Tensor]:
-        if self._pipe is None:
-            self._build()
-        outs = self._pipe.run()
+        while True:
+            if self._pipe is None:
+                self._build()
+            try:
+                outs = self._pipe.run()
+                break
+            except RuntimeError as e:
+                self._pipe = None                 # a failed DALI pipeline cannot go on: rebuilt at this position
+                if not self._find_culprits():
+                    raise RuntimeError(f"{self.shards.dir}: a batch failed at epoch {self.epoch}, step {self.step}, "
+                                       f"and no single sample of it fails alone: {e}") from e
         fed = self._pending.popleft()
         assert fed == (self.epoch, self.step), f"pipeline returned batch {fed}, expected {(self.epoch, self.step)}"
         keys = self.spec.clip_keys + self.spec.meta_keys
@@ -206,6 +326,15 @@ class VideoLoader:
             batch[key] = t.permute(0, 4, 1, 2, 3) if key in self.spec.clip_keys else t   # B,T,S,S,C -> B,C,T,S,S
         self.step += 1
         return batch
+
+
+def _dali_reason(e: Exception) -> str:
+    """The line of a DALI pipeline error that says what went wrong (its text also holds a traceback of the graph
+    definition and C++ context): the 'encountered:' line, else the first."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if "encountered:" in lines[:-1]:
+        return lines[lines.index("encountered:") + 1]
+    return lines[0] if lines else type(e).__name__
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:

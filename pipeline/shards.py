@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,14 @@ GPU_ONLY_CODECS = {"avc1": "H.264", "avc3": "H.264", "hvc1": "HEVC", "hev1": "HE
 
 class CodecError(ValueError):
     """The backend cannot decode the shard's codec."""
+
+
+class SampleError(ValueError):
+    """One sample cannot be read or decoded: the loaders set it aside (``VideoLoader.bad``) and go on."""
+
+    def __init__(self, message: str, index: int = -1, key: str = "", shard: str = "", offset: int = -1):
+        super().__init__(message)
+        self.index, self.key, self.shard, self.offset = index, key, shard, offset
 
 
 @dataclass(frozen=True)
@@ -76,43 +86,79 @@ class ShardSet:
                 self._fds[t] = os.open(self.tars[t], os.O_RDONLY)
             return self._fds[t]
 
+    def location(self, index: int) -> tuple[str, int]:
+        """(tar path, byte offset of the video member's data): where a bad sample sits, for people and tools."""
+        t, comps, _ = self._entries[index]
+        return str(self.tars[t]), comps.get(shard_format.VIDEO_EXT, (min(o for o, _ in comps.values()), 0))[0]
+
     def read(self, index: int) -> Sample:
-        """Read sample ``index``: one pread over the span of its components."""
+        """Read sample ``index``: one pread over the span of its components (and the tar header before each,
+        checked against the index). A damaged sample raises ``SampleError`` naming it."""
         t, comps, key = self._entries[index]
-        lo = min(off for off, _ in comps.values())
+        shard, offset = self.location(index)
+        try:
+            return self._read(index, t, comps, key)
+        except SampleError:
+            raise
+        except (OSError, ValueError, UnicodeDecodeError, tarfile.TarError) as e:
+            raise SampleError(f"{shard}: sample {index} ({key or '?'}) at byte {offset} is unreadable: {e}",
+                              index, key, shard, offset) from None
+
+    def _read(self, index: int, t: int, comps: dict, key: str) -> Sample:
+        lo = min(off for off, _ in comps.values()) - tarfile.BLOCKSIZE   # the first member's header too
         hi = max(off + size for off, size in comps.values())
         span = os.pread(self._fd(t), hi - lo, lo)
         if len(span) != hi - lo:
-            raise OSError(f"{self.tars[t]}: short read at offset {lo} (truncated shard?)")
+            raise OSError(f"short read ({len(span)} of {hi - lo} bytes): the shard is truncated")
+        for ext, (off, size) in comps.items():    # the index must point at this sample's own members
+            try:
+                head = tarfile.TarInfo.frombuf(span[off - lo - tarfile.BLOCKSIZE:off - lo], "utf-8", "surrogateescape")
+            except tarfile.HeaderError:
+                raise ValueError(f"the index puts {key}.{ext} at byte {off}, but no tar member starts there: the index "
+                                 "does not match the tar") from None
+            if head.size != size or not head.name.endswith("." + ext) or (key and shard_format.sample_key(head.name) != key):
+                raise ValueError(f"the index says {key}.{ext} ({size} bytes) at byte {off}, the tar has "
+                                 f"{head.name} ({head.size} bytes) there: the index does not match the tar")
 
         def part(ext):
             off, size = comps[ext]
             return span[off - lo:off - lo + size]
 
         video = np.frombuffer(part(shard_format.VIDEO_EXT), dtype=np.uint8)
-        track = parse_mp4(video)
         meta = json.loads(part(shard_format.META_EXT)) if shard_format.META_EXT in comps else {}
+        crc = meta.get(shard_format.VIDEO_CRC_FIELD)
+        if crc is not None and zlib.crc32(video) != crc:
+            raise ValueError(f"the video's CRC-32 is {zlib.crc32(video):08x}, {crc:08x} when it was sharded: its bytes "
+                             "changed since")
+        track = parse_mp4(video)
         if track is not None:
             codec, width, height = track.codec, track.width, track.height
         elif "width" in meta and "height" in meta:   # not an MP4 (e.g. WebM): trust the JSON record
             codec, width, height = "", int(meta["width"]), int(meta["height"])
         else:
-            raise ValueError(f"{self.tars[t]}: sample {index} is not a parseable MP4 and its JSON record has no "
-                             "width/height: re-shard with `python -m preprocess`")
+            raise ValueError("not a parseable MP4 and its JSON record has no width/height: re-shard with "
+                             "`python -m preprocess`")
         key = key or str(meta.get("key", f"sample{index}"))
+        label = shard_format.unpack_int32(part(shard_format.LABEL_EXT))
         num_frames = shard_format.unpack_int32(part(shard_format.FRAMES_EXT))
+        if label < shard_format.UNLABELLED or (self.classes and label >= len(self.classes)):
+            raise ValueError(f"label {label} outside the manifest's {len(self.classes)} classes")
+        if num_frames <= 0:
+            raise ValueError(f"frame count {num_frames}")
         if track is not None and track.num_samples:      # never ask for frames the stream does not hold
             num_frames = min(num_frames, track.num_samples)
-        return Sample(index=index, key=key, data=video, label=shard_format.unpack_int32(part(shard_format.LABEL_EXT)),
-                      num_frames=num_frames,
+        return Sample(index=index, key=key, data=video, label=label, num_frames=num_frames,
                       height=height, width=width, codec=codec, track=track)
 
     def labels(self) -> np.ndarray:
-        """Every sample's label (int64 [N]); reads 4 bytes per sample."""
+        """Every sample's label (int64 [N]); reads 4 bytes per sample; -1 where those bytes are missing."""
         out = np.empty(len(self), dtype=np.int64)
         for i, (t, comps, _) in enumerate(self._entries):
             off, size = comps[shard_format.LABEL_EXT]
-            out[i] = shard_format.unpack_int32(os.pread(self._fd(t), size, off))
+            try:
+                out[i] = shard_format.unpack_int32(os.pread(self._fd(t), size, off))
+            except ValueError:          # a damaged sample (cut short): the loaders set it aside when they meet it
+                out[i] = shard_format.UNLABELLED
         return out
 
     def close(self) -> None:

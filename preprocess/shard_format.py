@@ -23,6 +23,7 @@ VIDEO_EXT = "mp4"   # the encoded video (VP9 in MP4 by default)
 LABEL_EXT = "lbl"   # int32 LE class index, -1 for unlabelled videos
 FRAMES_EXT = "nf"   # int32 LE number of frames in the encoded video
 META_EXT = "json"   # {"source", "label", "label_name", "fps", "frames", "width", "height", "duration", ...}
+VIDEO_CRC_FIELD = "video_crc32"   # in the json: zlib.crc32 of the mp4 member, checked by every read (older shards lack it)
 SAMPLE_EXTS = (VIDEO_EXT, LABEL_EXT, FRAMES_EXT, META_EXT)  # order inside each sample in the tar
 
 MANIFEST = "manifest.json"

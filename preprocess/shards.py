@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from pathlib import Path
 
 from . import shard_format as fmt
@@ -93,10 +94,10 @@ def pack_split(out_dir: Path, name: str, split: str, records: dict[str, dict], v
         tar_path = split_dir / fmt.shard_name(name, i)
         samples = []
         for k in keys:
-            rec = records[k]
-            samples.append({"__key__": k, fmt.VIDEO_EXT: video_file(k).read_bytes(),
+            rec, video = records[k], video_file(k).read_bytes()
+            samples.append({"__key__": k, fmt.VIDEO_EXT: video,
                             fmt.LABEL_EXT: fmt.pack_int32(rec["label"]), fmt.FRAMES_EXT: fmt.pack_int32(rec["frames"]),
-                            fmt.META_EXT: dump_json(rec).encode()})
+                            fmt.META_EXT: dump_json({**rec, fmt.VIDEO_CRC_FIELD: zlib.crc32(video)}).encode()})
             key_to_shard[k] = i
         nbytes, sha = write_shard(tar_path, samples)
         shards.append({"file": tar_path.name, "index": fmt.index_path(tar_path).name, "samples": len(keys),

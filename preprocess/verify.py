@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import tarfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def check_sample(job: tuple[str, str, dict, dict]) -> str | None:
         return f"label/frames {label}/{frames}, the manifest says {expected['label']}/{expected['frames']}"
     if meta.get("frames") != frames:
         return f"json says {meta.get('frames')} frames, nf says {frames}"
+    crc = meta.get(fmt.VIDEO_CRC_FIELD)
+    if crc is not None and zlib.crc32(data) != crc:
+        return f"video bytes changed since sharding (CRC-32 {zlib.crc32(data):08x}, recorded {crc:08x})"
     import io
     try:
         decoded = 0

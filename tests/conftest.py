@@ -3,15 +3,18 @@
 * `sample_videos`: the project's synthetic motion videos (OUT/{train,test}/<class>/*.mp4), small.
 * `synthetic_shards`: those videos sharded by `python -m preprocess` (OUT/train, OUT/test).
 * `ucf_shards`: ../shared/data/ucf101-mini sharded with its official split-1 files (skipped when absent).
+* `damaged_shards`: a copy of `synthetic_shards` with three kinds of damage in train/ (`damage`), and the keys hit.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from preprocess import shard_format as fmt
 from preprocess.cli import main as preprocess_main
 from preprocess.sample_videos import make_sample_videos
 
@@ -35,6 +38,47 @@ def synthetic_shards(tmp_path_factory, sample_videos) -> Path:
     rc = preprocess_main([str(sample_videos), str(out), "--name", "synthetic", "--max-per-shard", "8", "--no-progress"])
     assert rc == 0
     return out
+
+
+def index_rows(tar: Path) -> list[dict]:
+    """Per sample of a tar's DALI index: {ext: (data offset, size), "__key__": key}, read without the project's parser."""
+    rows = []
+    for line in fmt.index_path(tar).read_text().splitlines()[1:]:
+        f = line.split(" ")
+        row = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
+        row["__key__"] = fmt.sample_key(f[3])
+        rows.append(row)
+    return rows
+
+
+def damage(split: Path) -> set[str]:
+    """Three kinds of damage in one shard set (at least two shards); returns the damaged samples' keys:
+    1. 4 KB overwritten in the middle of one sample's video (shard 0, sample 1);
+    2. the last sample of shard 1 cut short (the copy lost the tar's tail), its index left as it was;
+    3. one index line pointing 512 bytes past its video's offset (shard 0, sample 3)."""
+    t0, t1 = fmt.shard_paths(split)[:2]
+    s0, s1 = index_rows(t0), index_rows(t1)
+    off, size = s0[1][fmt.VIDEO_EXT]
+    data = bytearray(t0.read_bytes())
+    data[off + size // 2: off + size // 2 + 4096] = bytes(4096)
+    t0.write_bytes(bytes(data))
+    off, size = s1[-1][fmt.VIDEO_EXT]
+    with open(t1, "r+b") as f:
+        f.truncate(off + size // 2)
+    idx = fmt.index_path(t0)
+    lines = idx.read_text().splitlines()
+    f = lines[1 + 3].split(" ")
+    f[f.index(fmt.VIDEO_EXT) + 1] = str(int(f[f.index(fmt.VIDEO_EXT) + 1]) + 512)
+    lines[1 + 3] = " ".join(f)
+    idx.write_text("\n".join(lines) + "\n")
+    return {s0[1]["__key__"], s1[-1]["__key__"], s0[3]["__key__"]}
+
+
+@pytest.fixture(scope="session")
+def damaged_shards(tmp_path_factory, synthetic_shards) -> tuple[Path, set[str]]:
+    out = tmp_path_factory.mktemp("damaged") / "shards"
+    shutil.copytree(synthetic_shards, out)
+    return out, damage(out / "train")
 
 
 @pytest.fixture(scope="session")

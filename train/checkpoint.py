@@ -36,6 +36,19 @@ def set_rng_state(s: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(gauss), float(cached)))
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (the message says what is left and how to resume)."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a crash right after it must not bring the old name back)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class CheckpointManager:
     def __init__(self, folder: str | Path, keep: int = 3, is_main: bool = True):
         self.folder = Path(folder)
@@ -43,6 +56,8 @@ class CheckpointManager:
         self.is_main = is_main
         if is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob(".ckpt-*.tmp"):   # half-written by a run killed mid-save
+                stale.unlink(missing_ok=True)
 
     def paths(self) -> list[Path]:
         """Checkpoints, newest first."""
@@ -56,11 +71,21 @@ class CheckpointManager:
         tmp = self.folder / f".{path.name}.{os.getpid()}.tmp"
         # a pre-emption signal arriving mid-write must not interrupt it: hold them off until the rename
         with _signals_deferred():
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                _fsync_dir(self.folder)
+            except (OSError, RuntimeError) as e:    # disk full, quota, I/O error (torch.save wraps some in RuntimeError)
+                tmp.unlink(missing_ok=True)
+                previous = next(iter(self.paths()), None)
+                raise CheckpointError(f"could not write the checkpoint of step {step} to {self.folder} "
+                                      f"({type(e).__name__}: {str(e)[:200]}); nothing half-written was left. "
+                                      + (f"The previous checkpoint {previous.name} is intact: free space and resume "
+                                         "from it (--resume auto)" if previous else "No earlier checkpoint exists")
+                                      ) from None
         for old in self.paths()[self.keep:]:
             old.unlink(missing_ok=True)
         return path

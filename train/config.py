@@ -27,6 +27,11 @@ DEFAULTS: dict[str, tuple[object, str]] = {
     "flip_p": (0.5, "horizontal-flip probability per clip; 0 for data whose labels flip with the image (the "
                     "synthetic sample's right/left and clockwise/counter-clockwise)"),
     "frame0": ("wrap", "frame difference of frame 0: wrap (reference: X0 - X(T-1)) or zero"),
+    "max_bad_samples": (0.01, "samples that cannot be read or decoded are set aside (OUT_DIR/bad_samples.jsonl) and "
+                              "replaced by the next good one; the run stops, with a checkpoint, once more than this "
+                              "many were: a count (>= 1) or a fraction of the shard set (< 1)"),
+    "exclude_samples": ("", "file of sample keys to set aside from the start, one per line (e.g. the bad_keys.txt of "
+                            "`python -m preprocess verify`)"),
     # model and objective
     "objective": ("fima", "pretraining objective: fima, moco, fame or multilevel"),
     "backbone": ("i3d", "backbone: i3d, r3d18, r2plus1d18, or r3d18_ml (the multi-level R3D-18 variant)"),

@@ -55,6 +55,15 @@ def any_rank(flag: bool, d: Dist) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(values: list[int], d: Dist) -> list[int]:
+    """Element-wise maximum of small integer flags/counts over ranks: one collective for several decisions."""
+    if not d.enabled:
+        return list(values)
+    t = torch.tensor(values, device=d.device, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def mean_over_ranks(values: dict[str, float], d: Dist) -> dict[str, float]:
     if not d.enabled or not values:
         return values

@@ -24,7 +24,8 @@ from model import build_objective
 from pipeline import AugConfig, pretrain_loader
 
 from . import distributed as D
-from .checkpoint import CheckpointManager, PreemptionFlag, lock_run_folder, rng_state, set_rng_state
+from .bad_samples import BadSamples
+from .checkpoint import CheckpointError, CheckpointManager, PreemptionFlag, lock_run_folder, rng_state, set_rng_state
 from .config import DEFAULTS
 from .metrics import Metrics
 from .monitor import QualityMonitor
@@ -85,6 +86,13 @@ def lr_at(step: int, total: int, warmup: int, peak: float, decay_step: int | Non
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def weights_checksum(model: torch.nn.Module) -> float:
+    """A float64 sum over every parameter (key encoders included): equal on every rank while DDP keeps them in
+    sync. Buffers are left out: BatchNorm statistics are per rank by design (shuffle-BN), queues are equal."""
+    with torch.no_grad():
+        return float(sum(p.double().sum().item() for p in model.parameters()))
+
+
 def precision_context(precision: str, device: torch.device):
     if precision == "fp32":
         return nullcontext()
@@ -119,6 +127,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
                              config=aug_config(cfg), seed=cfg["seed"], rank=d.rank, world_size=d.world_size,
                              backend=backend, device_id=d.local_rank if backend == "gpu" else None,
                              num_threads=cfg["num_threads"])
+    bad = BadSamples(out_dir, loader, cfg["max_bad_samples"], cfg["exclude_samples"], d)   # set aside, not fatal
     monitor = None
     if cfg["monitor"] and d.is_main:   # rank 0 measures; the others wait at the next collective
         monitor = QualityMonitor(cfg["monitor"], frames=cfg["frames"], stride=cfg["stride"], crop=cfg["crop"],
@@ -173,9 +182,20 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
                 print(f"resumed from {path} at step {step} (epoch {loader.epoch}, batch {loader.step})")
 
     def save() -> None:
-        ckpts.save({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                    "loader": loader.state_dict(), "rng": D.gather_objects(rng_state(), d), "step": step, "config": cfg,
-                    "world_size": d.world_size, "monitor_random_init": monitor_base}, step)
+        """A checkpoint (rank 0 writes; every rank takes part): a write that fails stops every rank together."""
+        per_rank = D.gather_objects((rng_state(), weights_checksum(raw_model)), d)
+        sums = [c for _, c in per_rank]
+        if d.is_main and len(set(sums)) > 1:   # DDP keeps weights equal; if not, say so where it is seen
+            metrics.print(f"warning: the ranks' weights differ at step {step} (checksums {sums})")
+        error = None
+        try:
+            ckpts.save({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                        "loader": loader.state_dict(), "rng": [r for r, _ in per_rank], "step": step, "config": cfg,
+                        "world_size": d.world_size, "monitor_random_init": monitor_base, "rank_checksums": sums}, step)
+        except CheckpointError as e:
+            error = e
+        if D.any_rank(error is not None, d):
+            raise TrainingError(str(error) if error else "rank 0 could not write a checkpoint (see its message)")
 
     def measure_quality() -> None:
         """The monitor's kNN top-1 (rank 0), logged with the random-init value measured at step 0."""
@@ -197,6 +217,8 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
         metrics.print(f"{cfg['objective']} / {cfg['backbone']}: {loader.num_videos} videos, {steps_per_epoch} steps "
                       f"per epoch x {cfg['epochs']} epochs, global batch {global_batch} on {d.world_size} "
                       f"{'GPU' if use_cuda else 'CPU'} process(es), peak lr {peak_lr:.4g}, {cfg['precision']}")
+        if bad.excluded:
+            metrics.print(f"{bad.excluded} samples set aside from the start ({bad.path.name} / exclude_samples)")
         # MoCo-style queues take 2 keys per video per step; one that outlives an epoch holds each video's own
         # earlier keys as negatives (on a small dataset that stalls the instance task)
         queued = cfg["objective"] in ("moco", "fame", "fima")   # the objectives with a queue and an EMA key encoder
@@ -266,13 +288,20 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
                     scalars.update({"lr": lr, "epoch": step / steps_per_epoch,
                                     "videos_per_s": n * global_batch / window["time"],
                                     "data_wait_fraction": window["wait"] / window["time"]})
+                    scalars["data/bad_samples"] = bad.count
                     if use_cuda:
                         scalars["gpu_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
                     metrics.log(step, scalars)
                     window = {"n": 0, "wait": 0.0, "time": 0.0, "sums": {}}
                 if step % cfg["monitor_every"] == 0 or step == stop_step:
                     measure_quality()
-                stop = D.any_rank(bool(preempted), d)
+                found = loader.take_new_bad()            # one collective for both rank-wide decisions
+                stop, any_found = D.max_over_ranks([int(bool(preempted)), len(found)], d)
+                for r in bad.share(found, bool(any_found)):
+                    metrics.print(f"step {step}: bad sample set aside: {r['error']}")
+                if bad.over_limit():
+                    save()
+                    raise TrainingError(bad.stop_message(step, cfg["data"]))
                 if stop or step % cfg["ckpt_every"] == 0 or step == stop_step:
                     save()
                 if stop:
