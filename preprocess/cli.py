@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import shard_format as fmt
-from .shards import TOOL, atomic_write, dump_json, pack_split
+from .shards import TOOL, atomic_write, dump_json, pack_split, remove_stale_temps
 from .sources import FORMATS, LayoutError, Video, read_dataset
 from .video import Encoding, SkipVideo, transcode
 
@@ -223,6 +223,7 @@ def pack(ds, out: Path, work: Path, name: str, enc: Encoding, args) -> int:
             errors.append({"source": v.source, "split": v.split, "reason": s["reason"]})
             skipped_by_split[v.split] = skipped_by_split.get(v.split, 0) + 1
     errors.sort(key=lambda e: e["source"])
+    remove_stale_temps(out)
     atomic_write(out / "errors.jsonl", "".join(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n" for e in errors))
 
     splits = {}

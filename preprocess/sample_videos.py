@@ -72,15 +72,25 @@ def background_of_kind(kind: int, rng: np.random.Generator, h: int, w: int) -> n
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+SHAPES = ("disk", "square", "diamond", "triangle", "cross", "ring")
+
+
 def object_mask(shape: int, size: int) -> np.ndarray:
-    """A boolean [size, size] mask: disk, square or diamond."""
+    """A boolean [size, size] mask of SHAPES[shape]: disk, square, diamond, triangle, cross or ring."""
     c = (size - 1) / 2
     yy, xx = np.mgrid[0:size, 0:size]
     if shape == 0:
         return (yy - c) ** 2 + (xx - c) ** 2 <= c ** 2
     if shape == 1:
         return np.ones((size, size), bool)
-    return np.abs(yy - c) + np.abs(xx - c) <= c
+    if shape == 2:
+        return np.abs(yy - c) + np.abs(xx - c) <= c
+    if shape == 3:                                   # apex up
+        return np.abs(xx - c) <= yy / 2 + 0.5
+    if shape == 4:
+        return (np.abs(yy - c) <= size / 6) | (np.abs(xx - c) <= size / 6)
+    r2 = (yy - c) ** 2 + (xx - c) ** 2
+    return (r2 <= c ** 2) & (r2 >= (0.55 * c) ** 2)
 
 
 def object_side(rng: np.random.Generator, lo: int, hi: int, scale: float) -> int:
@@ -153,6 +163,31 @@ def render(motion: str, scene_seed: int, motion_seed: int, frames: int, h: int, 
     return out
 
 
+def actor_render(motion: str, scene_seed: int, motion_seed: int, frames: int, h: int, w: int) -> np.ndarray:
+    """[frames, h, w, 3] uint8: the actor kind. Like `render`, but the class is carried by *what moves and how*: the
+    moving object has the class's shape (SHAPES[class number]) and motion, as an actor's look and movement make an
+    action; everything static is shared by the classes (video i of every class has the same background, the same
+    object colour and size, the same path and the same static distractors, whose shapes are drawn from all six,
+    so a shape seen standing still says nothing). A model must attend to the moving object to tell the classes
+    apart: the background-bias test that FAME and FIMA are about, at a scale a CPU learns in minutes."""
+    scene = np.random.default_rng(scene_seed)
+    bg = background(scene, h, w)
+    scale = min(h, w) / 240
+    size = object_side(scene, 40, 56, scale)
+    colour = scene.uniform(0, 255, 3).astype(np.uint8)
+    mask = object_mask(CLASSES.index(motion) % len(SHAPES), size)
+    for _ in range(2):                                     # static distractors of any shape
+        d_mask = object_mask(int(scene.integers(len(SHAPES))), object_side(scene, 36, 52, scale))
+        paste(bg, d_mask, scene.uniform(0, 255, 3).astype(np.uint8),
+              scene.uniform(0, h - d_mask.shape[0]), scene.uniform(0, w - d_mask.shape[0]))
+    path = trajectory(motion, np.random.default_rng(motion_seed), frames, h, w, size)
+    out = np.empty((frames, h, w, 3), np.uint8)
+    for t in range(frames):
+        out[t] = bg
+        paste(out[t], mask, colour, *path[t])
+    return out
+
+
 def camera_texture(rng: np.random.Generator, side: int, scale: float) -> np.ndarray:
     """A [side, side, 3] uint8 scene for the camera kind: smooth colour noise with static shapes on it. Textured
     everywhere (no stripes or gradients, whose motion is ambiguous or invisible along their direction)."""
@@ -208,7 +243,8 @@ def camera_render(motion: str, scene_seed: int, motion_seed: int, frames: int, h
 
 
 DRIFT_FRAMES = 16   # the drift kind's scene changes completely every 16 frames (a FIMA window is 32)
-KINDS = {"object": render, "camera": camera_render, "drift": partial(camera_render, drift=DRIFT_FRAMES)}
+KINDS = {"object": render, "camera": camera_render, "drift": partial(camera_render, drift=DRIFT_FRAMES),
+         "actor": actor_render}
 
 
 def encode(frames: np.ndarray, path: Path, fps: int = 25, pix_fmt: str = "yuv420p") -> None:
@@ -280,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                    "benchmark); camera: the whole picture pans or rolls, the classes are that motion (motion over "
                    "the whole frame, which a small model learns from labels in minutes on a CPU); drift: the camera "
                    "kind over a scene that cross-fades to a new texture every 16 frames, so only the motion persists "
-                   "through a video (two windows of one video share nothing else) (default: object)")
+                   "through a video (two windows of one video share nothing else); actor: the moving object's shape "
+                   "and motion are the class, everything static is shared by the classes (default: object)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.scenes < 0:

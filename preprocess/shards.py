@@ -30,6 +30,25 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temp files of `atomic_write` calls whose process is gone (a run killed mid-write); a live
+    process's temp file (another job packing beside this one) is left alone."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def dump_json(obj) -> str:
     return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
@@ -87,6 +106,7 @@ def pack_split(out_dir: Path, name: str, split: str, records: dict[str, dict], v
     (with "label" and "frames"); `video_file(key)` is the transcoded file. Returns the split's manifest."""
     split_dir = out_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(split_dir)
     order = shuffled(list(records), seed)
     plan = plan_shards([(k, video_file(k).stat().st_size) for k in order], max_bytes, max_samples)
     shards, key_to_shard = [], {}

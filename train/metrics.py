@@ -8,6 +8,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):   # a torn last line
+        return float("inf")
+
+
 class Metrics:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, enabled: bool = True,
                  progress: bool = True):
@@ -18,7 +25,13 @@ class Metrics:
             return
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
-        self.log_file = open(Path(out_dir) / "metrics.jsonl", "a")
+        path = Path(out_dir) / "metrics.jsonl"
+        if path.is_file():   # a run killed after its last checkpoint logged steps that the resumed run repeats
+            kept = [ln for ln in path.read_text().splitlines(keepends=True) if _step_of(ln) <= start_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
+        self.log_file = open(path, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not progress)
 
     def step(self, n: int = 1, postfix: dict | None = None) -> None:
