@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -24,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import Classifier
 from pipeline import eval_loader
 from train import distributed as D
-from train.checkpoint import CheckpointManager, PreemptionFlag, rng_state, set_rng_state
+from train.checkpoint import CheckpointManager, PreemptionFlag, ResumeError, restore, resume_from, snapshot
 from train.metrics import Metrics
 from train.trainer import build_optimizer
 
@@ -96,34 +95,28 @@ def run(ctx: Context) -> int:
     identity = {"backbone": ctx.info["backbone"], "init_sha256": ctx.info["sha256"],
                 "train_manifest": train_split.manifest_sha, "test_manifest": test_split.manifest_sha}
     step, start_epoch, history = 0, 0, []
-    resume = ctx.extra.get("resume", "auto")
-    if resume != "none":
-        found = ckpts.load_latest() if resume == "auto" else (CheckpointManager.load(resume), Path(resume))
-        if found:
-            state, path = found
-            old = state.get("config", {})
-            diff = {k: (old.get(k), s[k]) for k in RESUME_KEYS if old.get(k) != s[k]}
-            diff |= {k: (state.get("identity", {}).get(k), v) for k, v in identity.items()
-                     if state.get("identity", {}).get(k) != v}
-            if diff:
-                raise EvalError(f"{path} was written with other settings {diff} (checkpoint, now): use the same "
-                                "settings, another --out, or --resume none")
-            raw.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            loader.load_state_dict(state["loader"])
-            set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
-            step, start_epoch = state["step"], loader.epoch
-            history = list(state.get("history", []))
-            if d.is_main:
-                print(f"resumed from {path} at step {step} (epoch {loader.epoch}, batch {loader.step})")
-    if resume == "none" or step == 0:
+    parts = {"model": raw, "optimizer": opt, "loader": loader}       # what a checkpoint restores
+    identity |= {k: s[k] for k in RESUME_KEYS}
+    try:   # the settings part of older checkpoints' identity lives in their config
+        found = resume_from(ckpts, ctx.extra.get("resume", "auto"), identity,
+                            stored=lambda st: {**{k: st.get("config", {}).get(k) for k in RESUME_KEYS},
+                                               **st.get("identity", {})})
+    except ResumeError as e:
+        raise EvalError(str(e)) from None
+    if found:
+        state, path = found
+        restore(state, parts, d.rank)
+        step, start_epoch = state["step"], loader.epoch
+        history = list(state.get("history", []))
+        if d.is_main:
+            print(f"resumed from {path} at step {step} (epoch {loader.epoch}, batch {loader.step})")
+    else:
         torch.manual_seed(s["seed"] * 1000 + d.rank + 1)              # per-rank dropout stream
 
     def save() -> None:
-        ckpts.save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "loader": loader.state_dict(),
-                    "rng": D.gather_objects(rng_state(), d), "step": step, "epoch": loader.epoch, "identity": identity, "history": history,
-                    "config": {**s, "backbone": ctx.info["backbone"], "backbone_width": ctx.info["backbone_width"],
-                               "num_classes": num_classes, "classes": train_split.classes}}, step)
+        ckpts.save(snapshot(parts, d, step=step, epoch=loader.epoch, identity=identity, history=history,
+                            config={**s, "backbone": ctx.info["backbone"], "backbone_width": ctx.info["backbone_width"],
+                                    "num_classes": num_classes, "classes": train_split.classes}), step)
 
     # --- the loop ------------------------------------------------------------------------------------------
     total_steps = s["epochs"] * steps_per_epoch

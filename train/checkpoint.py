@@ -36,6 +36,53 @@ def set_rng_state(s: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(gauss), float(cached)))
 
 
+class ResumeError(ValueError):
+    """The checkpoint to resume from was written with settings that change the model or the sample stream."""
+
+
+def resume_from(ckpts: "CheckpointManager", resume: str, identity: dict, stored=None) -> tuple[dict, Path] | None:
+    """The one resume path (pretraining and fine-tuning): the checkpoint to continue from, or None.
+
+    ``resume``: "auto" (the newest readable checkpoint in ``ckpts``, if any), "none", or a checkpoint path.
+    ``identity``: {key: value now} of everything a resumed run must agree on; ``stored(state)`` gives the
+    checkpoint's (default: its "identity" entry). A difference is a ResumeError naming each key."""
+    if resume == "none":
+        return None
+    found = ckpts.load_latest() if resume == "auto" else (CheckpointManager.load(resume), Path(resume))
+    if not found:
+        return None
+    state, path = found
+    old = stored(state) if stored else state.get("identity", {})
+    diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+    if diff:
+        raise ResumeError(f"{path} was written with other settings {diff} (checkpoint, now): use the same settings, "
+                          "another output folder, or --resume none")
+    return state, path
+
+
+def snapshot(parts: dict, d, **extra) -> dict:
+    """A checkpoint's contents: ``parts`` (name -> object with state_dict(): model, optimizer, scaler, loader),
+    every rank's RNG state and weights checksum (a collective: every rank calls it), and ``extra``."""
+    from . import distributed as D
+    per_rank = D.gather_objects((rng_state(), weights_checksum(parts["model"])), d)
+    return {**{name: obj.state_dict() for name, obj in parts.items()}, "rng": [r for r, _ in per_rank],
+            "rank_checksums": [c for _, c in per_rank], "world_size": d.world_size, **extra}
+
+
+def restore(state: dict, parts: dict, rank: int) -> None:
+    """Load ``parts`` (as given to ``snapshot``) and this rank's RNG state from a checkpoint."""
+    for name, obj in parts.items():
+        obj.load_state_dict(state[name])
+    set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """A float64 sum over every parameter (key encoders included): equal on every rank while DDP keeps them in
+    sync. Buffers are left out: BatchNorm statistics are per rank by design (shuffle-BN), queues are equal."""
+    with torch.no_grad():
+        return float(sum(p.double().sum().item() for p in model.parameters()))
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (the message says what is left and how to resume)."""
 

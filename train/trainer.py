@@ -25,7 +25,8 @@ from pipeline import AugConfig, pretrain_loader
 
 from . import distributed as D
 from .bad_samples import BadSamples
-from .checkpoint import CheckpointError, CheckpointManager, PreemptionFlag, lock_run_folder, rng_state, set_rng_state
+from .checkpoint import (CheckpointError, CheckpointManager, PreemptionFlag, ResumeError, lock_run_folder, restore,
+                         resume_from, snapshot)
 from .config import DEFAULTS
 from .metrics import Metrics
 from .monitor import QualityMonitor
@@ -84,13 +85,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float, decay_step: int | Non
     if decay_step is not None:
         return peak * (0.1 if step >= decay_step else 1.0)
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def weights_checksum(model: torch.nn.Module) -> float:
-    """A float64 sum over every parameter (key encoders included): equal on every rank while DDP keeps them in
-    sync. Buffers are left out: BatchNorm statistics are per rank by design (shuffle-BN), queues are equal."""
-    with torch.no_grad():
-        return float(sum(p.double().sum().item() for p in model.parameters()))
 
 
 def precision_context(precision: str, device: torch.device):
@@ -162,36 +156,30 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
 
     # --- resume -------------------------------------------------------------------------------------------
     step, monitor_base = 0, None
-    if resume != "none":
-        found = ckpts.load_latest() if resume == "auto" else (CheckpointManager.load(resume), Path(resume))
-        if found:
-            state, path = found
-            saved = {k: state["config"].get(k, DEFAULTS[k][0]) for k in ARCH_KEYS}   # keys added later: their default
-            diff = {k: (saved[k], cfg[k]) for k in ARCH_KEYS if saved[k] != cfg[k]}
-            if diff:
-                raise TrainingError(f"{path} was written with other settings {diff} (checkpoint, now): use the same "
-                                    "config, another out_dir, or --resume none")
-            raw_model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            loader.load_state_dict(state["loader"])
-            set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
-            step = state["step"]
-            monitor_base = state.get("monitor_random_init")
-            if d.is_main:
-                print(f"resumed from {path} at step {step} (epoch {loader.epoch}, batch {loader.step})")
+    parts = {"model": raw_model, "optimizer": opt, "scaler": scaler, "loader": loader}   # what a checkpoint restores
+    try:   # checkpoints from before "identity" was stored: the same keys from their config (later keys: defaults)
+        found = resume_from(ckpts, resume, {k: cfg[k] for k in ARCH_KEYS},
+                            stored=lambda st: st.get("identity") or {k: st["config"].get(k, DEFAULTS[k][0])
+                                                                     for k in ARCH_KEYS})
+    except ResumeError as e:
+        raise TrainingError(str(e)) from None
+    if found:
+        state, path = found
+        restore(state, parts, d.rank)
+        step = state["step"]
+        monitor_base = state.get("monitor_random_init")
+        if d.is_main:
+            print(f"resumed from {path} at step {step} (epoch {loader.epoch}, batch {loader.step})")
 
     def save() -> None:
         """A checkpoint (rank 0 writes; every rank takes part): a write that fails stops every rank together."""
-        per_rank = D.gather_objects((rng_state(), weights_checksum(raw_model)), d)
-        sums = [c for _, c in per_rank]
-        if d.is_main and len(set(sums)) > 1:   # DDP keeps weights equal; if not, say so where it is seen
-            metrics.print(f"warning: the ranks' weights differ at step {step} (checksums {sums})")
+        state = snapshot(parts, d, step=step, config=cfg, identity={k: cfg[k] for k in ARCH_KEYS},
+                         monitor_random_init=monitor_base)
+        if d.is_main and len(set(state["rank_checksums"])) > 1:   # DDP keeps weights equal; say so if not
+            metrics.print(f"warning: the ranks' weights differ at step {step} (checksums {state['rank_checksums']})")
         error = None
         try:
-            ckpts.save({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                        "loader": loader.state_dict(), "rng": [r for r, _ in per_rank], "step": step, "config": cfg,
-                        "world_size": d.world_size, "monitor_random_init": monitor_base, "rank_checksums": sums}, step)
+            ckpts.save(state, step)
         except CheckpointError as e:
             error = e
         if D.any_rank(error is not None, d):
