@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from train.trainer import precision_context
+from train.recipe import precision_context
 
 
 def timed_steps(model, opt, batches, steps: int, precision: str, device) -> float:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import build_objective  # noqa: E402
 from pipeline import pretrain_loader  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.trainer import aug_config, build_optimizer, objective_kwargs  # noqa: E402
+from train.recipe import aug_config, build_optimizer, objective_kwargs  # noqa: E402
 from benchmarks._common import sample_shards, timed_steps  # noqa: E402
 
 

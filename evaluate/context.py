@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from train import distributed as D
-from train.trainer import precision_context
+from train.recipe import precision_context
 
 from .data import Split
 

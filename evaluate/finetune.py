@@ -25,7 +25,7 @@ from pipeline import eval_loader
 from train import distributed as D
 from train.checkpoint import CheckpointManager, PreemptionFlag, ResumeError, restore, resume_from, snapshot
 from train.metrics import Metrics
-from train.trainer import build_optimizer
+from train.recipe import build_optimizer
 
 from . import metrics
 from .backbone import EvalError

@@ -40,10 +40,11 @@ from .backbones import resolve_backbone
 from .distributed import batch_shuffle, batch_unshuffle, concat_all_gather, rank
 from .heads import Projector
 from .losses import fp32, info_nce, info_nce_logits, top1
+from .objective import Objective
 from .queue import KeyQueue
 
 
-class MoCo(nn.Module):
+class MoCo(Objective):
     """backbone: registry name ("i3d", "r3d18", "r2plus1d18") or a zero-argument constructor.
     dim: embedding size (128). K: queue length (65,536 for K400). m: EMA momentum (0.999).
     T: softmax temperature (0.1). backbone_kwargs: passed to the named builder.

@@ -51,12 +51,13 @@ from .distributed import concat_all_gather
 from .heads import Projector
 from .multilevel_losses import (gather, graph_loss, graph_target, info_nce, instance_graph, instance_logits,
                                 local_global_loss, motion_logits, proto_loss, sinkhorn, top1)
+from .objective import Objective
 from .r3d_multilevel import MotionExcitation, time_reversed_batch
 
 LEVELS = ("high", "mid", "low")
 
 
-class MultiLevel(nn.Module):
+class MultiLevel(Objective):
     """backbone: a registry name or zero-argument constructor of a backbone with `forward_levels` and
     `level_dims` ("r3d18_ml"). dim: embedding size (128). cluster: prototypes K (1000 K400, 200 UCF101).
     T: contrastive temperature (0.07). proto_T: prototype softmax temperature (0.1). split: first epoch of
@@ -118,6 +119,9 @@ class MultiLevel(nn.Module):
         if not self.graph_on:
             frozen += list(self.graph_heads.parameters())
         return frozen
+
+    def after_backward(self) -> None:
+        self.drop_frozen_grads()
 
     def drop_frozen_grads(self) -> None:
         """After backward, before optimizer.step(): .grad = None for frozen_parameters() (optimizers skip them)."""

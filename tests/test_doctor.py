@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from preprocess import shard_format as fmt
 from train.doctor import CHECKS, GROUPS, build_parser, main, select
 
 REPO = Path(__file__).resolve().parents[1]

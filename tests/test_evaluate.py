@@ -23,7 +23,7 @@ from preprocess.cli import main as preprocess_main
 from preprocess.sample_videos import encode
 from train.checkpoint import CheckpointManager
 from train.config import load_config
-from train.trainer import objective_kwargs
+from train.recipe import objective_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--frames", "8", "--crop", "32", "--test-clips", "2", "--batch-size", "4", "--num-threads", "2", "--no-progress"]

@@ -15,7 +15,7 @@ from evaluate.temporal import accuracy, position_logits, split_forward_reversed,
 from model import build_backbone, build_objective
 from train.checkpoint import CheckpointManager
 from train.config import load_config
-from train.trainer import objective_kwargs
+from train.recipe import objective_kwargs
 
 from test_evaluate import _moving_square_shards
 

@@ -145,7 +145,7 @@ def test_the_loader_delivers_exactly_what_the_built_objective_requires(data, obj
     (built from model.required_inputs) delivers exactly those keys, and one training step runs on them."""
     from model import build_objective
     from pipeline import pretrain_loader
-    from train.trainer import aug_config, objective_kwargs
+    from train.recipe import aug_config, objective_kwargs
     cfg = load_config("demo", [*TINY, "backbone_width=0.25" if objective != "multilevel" else "backbone_width=1.0",
                                f"objective={objective}", "crop=32", *switches])
     torch.manual_seed(0)
@@ -176,7 +176,7 @@ def test_bn_groups_emulates_shuffle_bn_on_one_process_only():
     """auto (0): sub-batches of 4 (at most 8 groups) on one process, none with several (shuffle-BN is real there, so
     the multi-process objective is built exactly as before); an explicit value wins; too few samples per group is
     a config error."""
-    from train.trainer import bn_groups, objective_kwargs
+    from train.recipe import bn_groups, objective_kwargs
     cfg = load_config("demo", [])
     assert cfg["bn_groups"] == 0 and cfg["batch_size"] == 8
     assert bn_groups(cfg, 1) == 2 and bn_groups(cfg, 2) == bn_groups(cfg, 8) == 1
@@ -236,7 +236,7 @@ def test_config_presets_and_overrides():
 
 
 def test_backbone_width_reaches_the_model_and_is_checked():
-    from train.trainer import objective_kwargs
+    from train.recipe import objective_kwargs
     from model import build_objective
     cfg = load_config("demo", ["backbone_width=0.25"])
     model = build_objective(cfg["objective"], **objective_kwargs(cfg))
@@ -251,7 +251,7 @@ def test_backbone_width_reaches_the_model_and_is_checked():
 def test_flip_p_reaches_the_pipeline(data):
     """flip_p=0 (the demo: direction classes) mirrors no clip; flip_p=1 mirrors every one (x1 > x2 in its box)."""
     from pipeline import pretrain_loader
-    from train.trainer import aug_config
+    from train.recipe import aug_config
     mirrored = {}
     for p in (0, 1):
         cfg = load_config("demo", [f"flip_p={p}", "crop=32"])
@@ -279,7 +279,7 @@ def test_help_lists_presets_and_every_key():
 
 
 def test_lr_schedules():
-    from train.trainer import lr_at
+    from train.recipe import lr_at
     assert lr_at(0, 100, 10, 1.0) == 0.1 and lr_at(9, 100, 10, 1.0) == 1.0       # linear warm-up
     assert lr_at(10, 100, 10, 1.0) == 1.0 and abs(lr_at(55, 100, 10, 1.0) - 0.5) < 1e-12
     assert lr_at(99, 100, 10, 1.0) < 1e-3                                         # cosine to ~0

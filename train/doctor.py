@@ -492,7 +492,7 @@ class Doctor:
 
     def _aug(self):
         """The trainer's AugConfig for this config."""
-        from .trainer import aug_config
+        from .recipe import aug_config
         return aug_config(self.cfg)
 
     def _decode(self, backend: str, outputs=None) -> dict:
@@ -952,7 +952,7 @@ class Doctor:
         """The configured objective, built once on the CPU with the run's seed (copied for every step)."""
         if "template" not in self._cache:
             from model import build_objective
-            from .trainer import objective_kwargs
+            from .recipe import objective_kwargs
             self.torch.manual_seed(self.cfg["seed"])
             model = build_objective(self.cfg["objective"], **objective_kwargs(self.cfg))
             model.train()
@@ -965,7 +965,7 @@ class Doctor:
         model = self._cache.get("template")
         if model is None:
             from model import build_objective
-            from .trainer import objective_kwargs
+            from .recipe import objective_kwargs
             try:
                 with torch.device("meta"):
                     model = build_objective(self.cfg["objective"], **objective_kwargs(self.cfg))
@@ -1019,7 +1019,8 @@ class Doctor:
         if key in self._cache:
             return self._cache[key]
         torch = self.torch
-        from .trainer import build_optimizer, precision_context
+        from .distributed import Dist
+        from .recipe import build_optimizer, precision_context, train_step
         dev, gpu = self.device, self.device.type == "cuda"
         res = {"batch": size, "precision": precision, "channels_last": channels_last, "backward": backward,
                "ok": False}
@@ -1054,15 +1055,14 @@ class Doctor:
 
             torch.manual_seed(self.cfg["seed"])          # the same dropout / permutations in every run
             t0 = time.perf_counter()
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision_context(precision, dev):
-                out = model(batch)
+            amp = precision_context(precision, dev)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                if backward:                             # the trainer's own step (train/recipe.py)
+                    out, _ = train_step(model, batch, opt, scaler, amp, Dist(device=dev))
+                else:
+                    with amp:
+                        out = model(batch)
             loss = out["loss"]
-            if backward:
-                scaler.scale(loss).backward()
-                if hasattr(model, "drop_frozen_grads"):    # as the trainer does (multi-level: frozen heads)
-                    model.drop_frozen_grads()
-                scaler.step(opt)
-                scaler.update()
             if gpu:
                 torch.cuda.synchronize(dev)
             res["time_s"] = time.perf_counter() - t0

@@ -10,18 +10,15 @@ with the same augmentations (the pipeline draws every random parameter from (see
 """
 from __future__ import annotations
 
-import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import yaml
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import build_objective
-from pipeline import AugConfig, pretrain_loader
+from pipeline import pretrain_loader
 
 from . import distributed as D
 from .bad_samples import BadSamples
@@ -30,6 +27,8 @@ from .checkpoint import (CheckpointError, CheckpointManager, PreemptionFlag, Res
 from .config import DEFAULTS
 from .metrics import Metrics
 from .monitor import QualityMonitor
+from .recipe import (aug_config, build_optimizer, device_and_backend, lr_at, objective_kwargs, peak_lr,
+                     precision_context, train_step, wrap)
 
 # keys that change the model or the sample stream: a resumed run must agree on them
 ARCH_KEYS = ("objective", "backbone", "backbone_width", "frames", "stride", "crop", "queue_size", "dense_queue_size",
@@ -40,69 +39,11 @@ class TrainingError(RuntimeError):
     """A run that cannot continue (bad data, repeated non-finite losses, an incompatible checkpoint)."""
 
 
-def bn_groups(cfg: dict, world_size: int) -> int:
-    """BatchNorm sub-batches per process: real shuffle-BN across processes needs none; one process emulates it."""
-    if cfg["bn_groups"]:
-        return cfg["bn_groups"]
-    return 1 if world_size > 1 else max(1, min(8, cfg["batch_size"] // 4))
-
-
-def objective_kwargs(cfg: dict, world_size: int = 1) -> dict:
-    """Config keys -> the objective's constructor arguments (model/ takes plain keywords, not configs)."""
-    if cfg["objective"] == "multilevel":
-        return dict(backbone=cfg["backbone"], cluster=cfg["cluster"], T=cfg["temperature"], split=cfg["split"],
-                    thres=cfg["graph_threshold"], proto_queue=cfg["proto_queue"], queue_start=cfg["proto_queue_start"])
-    kw = dict(backbone=cfg["backbone"], K=cfg["queue_size"], m=cfg["momentum_ema"], T=cfg["temperature"],
-              self_negative_bug=cfg["self_negative_bug"], bn_groups=bn_groups(cfg, world_size),
-              batch_negatives=cfg["batch_negatives"])
-    if cfg["backbone_width"] != 1.0:
-        kw["backbone_kwargs"] = {"width": cfg["backbone_width"]}
-    if cfg["objective"] == "fima":
-        kw.update(dense_K=cfg["dense_queue_size"], dense_T=cfg["dense_temperature"], dense_weight=cfg["dense_weight"],
-                  pos_ratio=cfg["pos_ratio"], dense_coords=cfg["dense_coords"])
-    if cfg["objective"] == "fame":
-        kw.update(beta=cfg["fame_beta"], hue_wrap_bug=cfg["fame_hue_wrap_bug"])
-    return kw
-
-
-def aug_config(cfg: dict) -> AugConfig:
-    """The pipeline's augmentation settings for a run config."""
-    return AugConfig(num_frames=cfg["frames"], stride=cfg["stride"], crop_size=cfg["crop"],
-                     crop_area=(cfg["min_area"], 1.0), flip_p=cfg["flip_p"], frame0=cfg["frame0"],
-                     per_frame_colour=cfg["per_frame_colour"])
-
-
-def build_optimizer(cfg: dict, params, lr: float) -> torch.optim.Optimizer:
-    if cfg["optimizer"] == "adam":   # L2-regularised Adam, as the multi-level reference (not AdamW)
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"])
-    return torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float, decay_step: int | None = None) -> float:
-    """Linear warm-up, then cosine to zero per step, or (decay_step given) constant then x0.1 from decay_step."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if decay_step is not None:
-        return peak * (0.1 if step >= decay_step else 1.0)
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def precision_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     # --- distributed, device, seeds -----------------------------------------------------------------------
-    use_cuda = torch.cuda.is_available() and cfg["backend"] != "cpu"
+    use_cuda, backend = device_and_backend(cfg)
     d = D.setup(use_cuda)
-    backend = cfg["backend"] if cfg["backend"] != "auto" else ("gpu" if use_cuda else "cpu")
     torch.manual_seed(cfg["seed"])                       # identical initial weights on every rank
-    if use_cuda:
-        torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"]
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out_dir = Path(cfg["out_dir"])
     ckpts = CheckpointManager(out_dir / "checkpoints", cfg["keep_ckpts"], d.is_main)
     if d.is_main:
@@ -133,25 +74,13 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     stop_step = min(total_steps, cfg["max_steps"]) if cfg["max_steps"] else total_steps
     global_batch = cfg["batch_size"] * d.world_size
 
-    # --- optimiser, precision, wrapping ---------------------------------------------------------------------
-    if cfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last_3d)
-    params = [p for p in model.parameters() if p.requires_grad]
-    peak_lr = cfg["lr"] * global_batch / 64 if cfg["lr_scaling"] == "linear" else cfg["lr"]
-    opt = build_optimizer(cfg, params, peak_lr)
+    # --- optimiser, precision, wrapping (train/recipe.py) --------------------------------------------------------
+    peak = peak_lr(cfg, global_batch)
+    opt = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], peak)
     decay_step = cfg["decay_epoch"] * steps_per_epoch if cfg["schedule"] == "step" else None
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg["precision"] == "fp16")
     amp = precision_context(cfg["precision"], d.device)
-    raw_model = model                                    # unwrapped: what checkpoints hold
-    if cfg["compile"]:                                   # in place, so state_dict keys stay the same
-        for name in ("encoder_q", "encoder_k"):
-            if hasattr(model, name):
-                getattr(model, name).compile()
-    if d.enabled and use_cuda and cfg["sync_bn"]:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        raw_model = model
-    if d.enabled:   # queues are identical on every rank already: no buffer broadcast
-        model = DDP(model, device_ids=[d.local_rank] if use_cuda else None, broadcast_buffers=False)
+    model, raw_model = wrap(model, cfg, d, use_cuda)     # raw_model: unwrapped, what checkpoints hold
     torch.manual_seed(cfg["seed"] * 1000 + d.rank + 1)   # per-rank stream for dropout / FAME permutations
 
     # --- resume -------------------------------------------------------------------------------------------
@@ -204,7 +133,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     if d.is_main:
         metrics.print(f"{cfg['objective']} / {cfg['backbone']}: {loader.num_videos} videos, {steps_per_epoch} steps "
                       f"per epoch x {cfg['epochs']} epochs, global batch {global_batch} on {d.world_size} "
-                      f"{'GPU' if use_cuda else 'CPU'} process(es), peak lr {peak_lr:.4g}, {cfg['precision']}")
+                      f"{'GPU' if use_cuda else 'CPU'} process(es), peak lr {peak:.4g}, {cfg['precision']}")
         if bad.excluded:
             metrics.print(f"{bad.excluded} samples set aside from the start ({bad.path.name} / exclude_samples)")
         # MoCo-style queues take 2 keys per video per step; one that outlives an epoch holds each video's own
@@ -229,28 +158,18 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
         if step == 0:
             measure_quality()
         while step < stop_step:
-            if hasattr(raw_model, "set_epoch"):   # objectives with epoch-dependent terms (multi-level)
-                raw_model.set_epoch(loader.epoch)
+            raw_model.set_epoch(loader.epoch)    # objectives with epoch-dependent terms (multi-level)
             t_ready = time.perf_counter()
             for batch in loader:
                 t_batch = time.perf_counter()
-                lr = lr_at(step, total_steps, int(cfg["warmup_epochs"] * steps_per_epoch), peak_lr, decay_step)
+                lr = lr_at(step, total_steps, int(cfg["warmup_epochs"] * steps_per_epoch), peak, decay_step)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                with amp:
-                    out = model(batch)
+                out, updated = train_step(model, batch, opt, scaler, amp, d)
                 loss = out["loss"]
-                finite = not D.any_rank(not bool(torch.isfinite(loss.detach())), d)
-                if finite:
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if hasattr(raw_model, "drop_frozen_grads"):   # multi-level: frozen prototypes / graph heads
-                        raw_model.drop_frozen_grads()
-                    scaler.step(opt)
-                    scaler.update()
+                if updated:
                     bad_in_a_row = 0
-                else:   # skip the update on every rank (they agreed above), keep going unless it persists
-                    opt.zero_grad(set_to_none=True)
+                else:   # the update was skipped on every rank (they agreed); keep going unless it persists
                     bad_in_a_row += 1
                     metrics.print(f"step {step}: non-finite loss ({float(loss):.3g}), update skipped "
                                   f"({bad_in_a_row} in a row)")
