@@ -24,7 +24,7 @@ from model import Classifier
 from pipeline import eval_loader
 from train import distributed as D
 from train.checkpoint import CheckpointManager, PreemptionFlag, ResumeError, restore, resume_from, snapshot
-from train.metrics import Metrics
+from train.run_log import RunLog
 from train.recipe import build_optimizer
 
 from . import metrics
@@ -120,7 +120,7 @@ def run(ctx: Context) -> int:
 
     # --- the loop ------------------------------------------------------------------------------------------
     total_steps = s["epochs"] * steps_per_epoch
-    metrics_log = Metrics(ctx.out, total_steps, step, enabled=d.is_main, progress=rt.progress)
+    metrics_log = RunLog(ctx.out, total_steps, step, enabled=d.is_main, progress=rt.progress)
     if d.is_main:
         metrics_log.print(f"fine-tune {ctx.info['backbone']} ({ctx.info['source']}): {train_split.num_videos} videos, "
                           f"{num_classes} classes, {steps_per_epoch} steps per epoch x {s['epochs']} epochs, global "

@@ -2,7 +2,7 @@
 
 Public API:
 * build_backbone(name, **kw) -> nn.Module with `feature_dim`; names "i3d", "r3d18", "r2plus1d18".
-* Projector, Classifier (heads.py); MotionDecoder (decoder.py).
+* Projector, Classifier (heads.py); MotionDecoder (fima_decoder.py).
 * build_objective(name, **kw) -> MoCo / FAME / FIMA. Every objective is an nn.Module with
   `required_inputs` (the batch keys it reads) and forward(batch: dict[str, Tensor]) -> dict[str, Tensor]
   holding "loss" (the total to backprop), each named loss term, and cheap metrics. EMA and queue
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .augment import KINETICS_MEAN, KINETICS_STD, ColourAugment, frame_difference
+from .fame_augment import KINETICS_MEAN, KINETICS_STD, ColourAugment
 from .backbones import BACKBONES, build_backbone
-from .decoder import MotionDecoder
+from .fima_decoder import MotionDecoder
 from .fame import FAME
 from .fima import FIMA
 from .heads import Classifier, Projector
@@ -34,5 +34,5 @@ def build_objective(name: str, **kwargs) -> nn.Module:
 
 __all__ = [
     "BACKBONES", "build_backbone", "Projector", "Classifier", "MotionDecoder", "MoCo", "FAME", "FIMA",
-    "MultiLevel", "OBJECTIVES", "build_objective", "ColourAugment", "frame_difference", "KINETICS_MEAN", "KINETICS_STD",
+    "MultiLevel", "OBJECTIVES", "build_objective", "ColourAugment", "KINETICS_MEAN", "KINETICS_STD",
 ]

@@ -2,7 +2,7 @@
 
 The first clip of each pair (batch["raw_m"]: cropped/flipped RGB in [0, 1], no colour augmentation) gets
 its foreground pasted onto the background of another clip of the batch (random permutation), then
-colour augmentation + normalisation (augment.py); the second clip (batch["rgb_n"]) arrives augmented.
+colour augmentation + normalisation (fame_augment.py); the second clip (batch["rgb_n"]) arrives augmented.
 The rest is MoCo (moco.py). All of it runs on the tensors' device.
 
 Foreground mask per clip [B, 3, T, H, W] (notes/fima-reference.md section 5):
@@ -26,8 +26,8 @@ import kornia
 import torch
 import torch.nn as nn
 
-from .augment import ColourAugment, blur_kernel_size
-from .losses import fp32
+from .fame_augment import ColourAugment, blur_kernel_size
+from .infonce import fp32
 from .moco import MoCo
 
 _EPS = 1e-8

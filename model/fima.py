@@ -6,7 +6,7 @@ L = L_inst + lambda_dense * L_dense + L_local.
 * Key encoder (EMA of backbone + projector, shuffle-BN) encodes the two RGB globals (-> k, foreground
   score), the two diff globals (-> per-token unit features Z [B, T', N, D] + foreground score) and the
   four diff locals (-> pooled unit features u). The query encoder only sees RGB.
-* Motion decoder (decoder.py): for (a, b) in ((m, n), (n, m)) and slice t: target = [cls; tokens of a
+* Motion decoder (fima_decoder.py): for (a, b) in ((m, n), (n, m)) and slice t: target = [cls; tokens of a
   at t], memory = tokens of b at t -> E2 -> shared query projector per token -> unit vectors. The cls
   output predicts b's local motion feature u_b^t (L_local against the other three locals of the batch
   and a motion queue); the token outputs predict b's diff map at slice t on a's crop grid (L_dense,
@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .decoder import MotionDecoder
-from .losses import dense_loss, dense_positive_pairs, foreground_mask, foreground_score, local_loss
+from .fima_decoder import MotionDecoder
+from .fima_losses import dense_loss, dense_positive_pairs, foreground_mask, foreground_score, local_loss
 from .moco import MoCo
 from .queue import KeyQueue
 

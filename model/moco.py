@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .backbones import resolve_backbone
 from .distributed import batch_shuffle, batch_unshuffle, concat_all_gather, rank
 from .heads import Projector
-from .losses import fp32, info_nce, info_nce_logits, top1
+from .infonce import fp32, info_nce, info_nce_logits, top1
 from .objective import Objective
 from .queue import KeyQueue
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import concat_all_gather, rank, world_size
-from .losses import fp32, info_nce, top1
+from .infonce import fp32, info_nce, top1
 
 __all__ = ["gather", "instance_logits", "motion_logits", "local_global_loss", "sinkhorn", "proto_loss",
            "instance_graph", "graph_target", "graph_loss", "info_nce", "top1"]

@@ -108,7 +108,7 @@ def one_thread():
 
 # `pytest -m unit`: the fast subset for the development loop (pure tensor maths, formats, metrics; no video decoding,
 # no subprocesses); `./run test` stays the full suite. One list, by module, so a new module opts in here.
-UNIT_MODULES = {"test_model_backbones", "test_model_heads", "test_model_queue", "test_model_losses", "test_model_fame",
+UNIT_MODULES = {"test_model_backbones", "test_model_heads", "test_model_queue", "test_model_fima_losses", "test_model_fame",
                 "test_model_objectives", "test_multilevel_losses", "test_multilevel_model", "test_evaluate_metrics",
                 "test_preprocess_formats"}
 

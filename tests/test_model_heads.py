@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import Classifier, MotionDecoder, Projector
-from model.decoder import sinusoidal_encoding
+from model.fima_decoder import sinusoidal_encoding
 
 
 @pytest.mark.parametrize("grid", [4, 7, 14])

@@ -154,7 +154,7 @@ def test_bf16_autocast_matches_fp32():
     # Stated tolerance: total loss within 10 %; L_inst and L_local within 0.1, L_dense within 0.3
     # (absolute; typical differences over 8 seeds: 0.01, 0.03, 0.08). The dense term is a discrete
     # function of the foreground mask (a median of bf16 activations), which may flip a cell; the loss
-    # math itself runs in fp32 (tests/test_model_losses.py).
+    # math itself runs in fp32 (tests/test_model_fima_losses.py).
     torch.manual_seed(0)
     fp32 = FIMA("i3d", K=64, dense_K=50, dropout=0.0, backbone_kwargs=TINY_I3D)
     bf16 = copy.deepcopy(fp32)
@@ -184,11 +184,11 @@ def test_fima_forward_wiring_matches_the_design_text():
     queues are read as they were before the step; the EMA update already happened inside forward)."""
     import torch.nn.functional as F
     try:  # pytest's default import mode puts tests/ on sys.path; importlib mode needs the package path
-        from test_model_losses import slow_dense, slow_positives
+        from test_model_fima_losses import slow_dense, slow_positives
     except ImportError:
-        from tests.test_model_losses import slow_dense, slow_positives
+        from tests.test_model_fima_losses import slow_dense, slow_positives
 
-    from model.decoder import sinusoidal_encoding
+    from model.fima_decoder import sinusoidal_encoding
 
     torch.manual_seed(0)
     fima = FIMA("i3d", K=16, dense_K=8, dropout=0.0, backbone_kwargs=TINY_I3D).train()

@@ -25,7 +25,7 @@ from .bad_samples import BadSamples
 from .checkpoint import (CheckpointError, CheckpointManager, PreemptionFlag, ResumeError, lock_run_folder, restore,
                          resume_from, snapshot)
 from .config import DEFAULTS
-from .metrics import Metrics
+from .run_log import RunLog
 from .monitor import QualityMonitor
 from .recipe import (aug_config, build_optimizer, device_and_backend, lr_at, objective_kwargs, peak_lr,
                      precision_context, train_step, wrap)
@@ -129,7 +129,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
                       + (f" (random init {monitor_base:.1%})" if monitor_base is not None else ""))
 
     # --- the loop -----------------------------------------------------------------------------------------
-    metrics = Metrics(out_dir, stop_step, step, enabled=d.is_main, progress=progress)
+    metrics = RunLog(out_dir, stop_step, step, enabled=d.is_main, progress=progress)
     if d.is_main:
         metrics.print(f"{cfg['objective']} / {cfg['backbone']}: {loader.num_videos} videos, {steps_per_epoch} steps "
                       f"per epoch x {cfg['epochs']} epochs, global batch {global_batch} on {d.world_size} "

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.losses import (
-    dense_loss, dense_positive_pairs, foreground_mask, foreground_score, info_nce, info_nce_logits, local_loss,
-)
+from model.fima_losses import dense_loss, dense_positive_pairs, foreground_mask, foreground_score, local_loss
+from model.infonce import info_nce, info_nce_logits
 from model.moco import MoCo
 
 

@@ -1,4 +1,4 @@
-"""Metrics: TensorBoard scalars, a console line, a progress bar with ETA, and a JSON-lines log (rank 0 only)."""
+"""The run log: TensorBoard scalars, a console line, a progress bar with ETA, and a JSON-lines log (rank 0 only)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
-class Metrics:
+class RunLog:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, enabled: bool = True,
                  progress: bool = True):
         self.enabled = enabled

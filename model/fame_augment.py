@@ -18,17 +18,11 @@ import kornia
 import torch
 import torch.nn as nn
 
-from .losses import fp32
+from .infonce import fp32
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
 _GRAY = (0.299, 0.587, 0.114)
-
-
-def frame_difference(x: torch.Tensor) -> torch.Tensor:
-    """FIMA's frame-difference clip: D_t = (X_t - X_{(t-1) mod T} + 1) / 2 over [B, C, T, H, W] in [0, 1]
-    (frame 0 wraps around to X_0 - X_{T-1}, as in the reference)."""
-    return (x - torch.roll(x, shifts=1, dims=2) + 1) / 2
 
 
 def blur_kernel_size(size: int) -> int:
