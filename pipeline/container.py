@@ -120,6 +120,14 @@ def parse_mp4(data: np.ndarray) -> Track | None:
     return None
 
 
+IVF_HEADER = struct.Struct("<4sHH4sHHIIII")   # signature, version, header size, fourcc, w, h, rate, scale, frames, unused
+
+
+def ivf_frame_count(ivf: np.ndarray) -> int:
+    """The frame count in an IVF stream's header (what the decoder works through)."""
+    return IVF_HEADER.unpack_from(ivf.tobytes()[:IVF_HEADER.size])[8]
+
+
 def trim_to_ivf(data: np.ndarray, track: Track, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """An IVF stream holding only the GOP segments that ``frames`` (sorted frame numbers) need, and the
     frames' numbers in it. None when the track cannot be trimmed (not VP9, no sample table)."""
@@ -133,8 +141,8 @@ def trim_to_ivf(data: np.ndarray, track: Track, frames: np.ndarray) -> tuple[np.
     for k, f in zip(first_key, frames):            # decode from the GOP's keyframe up to the frame
         keep[min(k, f):f + 1] = True
     kept = np.flatnonzero(keep)
-    head = struct.pack("<4sHH4sHHIIII", b"DKIF", 0, 32, IVF_FOURCC[track.codec], track.width, track.height,
-                       25, 1, len(kept), 0)
+    head = IVF_HEADER.pack(b"DKIF", 0, IVF_HEADER.size, IVF_FOURCC[track.codec], track.width, track.height,
+                           25, 1, len(kept), 0)
     parts = [head]
     raw = np.ascontiguousarray(data, dtype=np.uint8)
     for pts, i in enumerate(kept):

@@ -37,14 +37,14 @@ import torch
 
 from pipeline import sampling
 from pipeline.config import OBJECTIVE_OUTPUTS, AugConfig
-from pipeline.container import trim_to_ivf
+from pipeline.container import ivf_frame_count, trim_to_ivf
 from pipeline.graph import BACKENDS, video_graph
 from pipeline.multilevel import is_multilevel, multilevel_feed, multilevel_graph, multilevel_spec
 from pipeline.shards import CodecError, SampleError, ShardSet, check_codec
 from pipeline.views import Spec, eval_feed, eval_spec, pretrain_feed, pretrain_spec
+from preprocess import shard_format
 
 log = logging.getLogger(__name__)
-_GPU_ONLY_NAMES = ("h264", "libx264", "avc", "hevc", "h265", "libx265", "av1", "mpeg4")
 
 
 class VideoLoader:
@@ -157,7 +157,8 @@ class VideoLoader:
     def _check_first_sample(self) -> None:
         """Fail at construction, not inside DALI, when the backend cannot decode the shards."""
         codec = str((self.shards.manifest.get("encoding") or {}).get("codec", ""))
-        if self.backend == "cpu" and codec.lower() in _GPU_ONLY_NAMES:
+        known = shard_format.codec_named(codec)
+        if self.backend == "cpu" and known is not None and not known.cpu:
             raise CodecError(f"{self.shards.dir}: the shards are {codec}, which DALI's CPU video decoder cannot decode "
                              "(it handles VP9, VP8 and MJPEG only). Re-shard with VP9: "
                              "`python -m preprocess SRC OUT --codec vp9`, or use backend='gpu'.")
@@ -196,7 +197,7 @@ class VideoLoader:
             cut = trim_to_ivf(sample.data, sample.track, feed.frames)
             if cut is not None:
                 feed.encoded, feed.frames = cut
-                feed.decoded = int(cut[0][24:28].view(np.uint32)[0])      # the IVF header's frame count
+                feed.decoded = ivf_frame_count(cut[0])
         return feed
 
     def _mark_bad(self, err: SampleError, epoch: int, step: int) -> None:

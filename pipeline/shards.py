@@ -19,9 +19,9 @@ import numpy as np
 from pipeline.container import Track, parse_mp4
 from preprocess import shard_format
 
-# Video codecs by MP4 sample-entry fourcc. The CPU decoder of DALI 2.4 handles only these.
-CPU_CODECS = {"vp09": "VP9", "vp08": "VP8", "mjpa": "MJPEG", "mjpg": "MJPEG", "jpeg": "MJPEG"}
-GPU_ONLY_CODECS = {"avc1": "H.264", "avc3": "H.264", "hvc1": "HEVC", "hev1": "HEVC", "av01": "AV1", "mp4v": "MPEG-4"}
+# fourcc -> label, from the one codec table (preprocess/shard_format.py): what DALI's CPU decoder handles, and not
+CPU_CODECS = {f: c.label for c in shard_format.CODECS if c.cpu for f in c.fourccs}
+GPU_ONLY_CODECS = {f: c.label for c in shard_format.CODECS if not c.cpu for f in c.fourccs}
 
 
 class CodecError(ValueError):

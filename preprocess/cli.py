@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="annotation file or folder, when not in SRC or its official sub-folder")
     g.add_argument("--name", default=None, help="shard name prefix (default: the --format, or SRC's name for folders)")
     g = p.add_argument_group("encoding")
-    g.add_argument("--codec", default="vp9", choices=("vp9", "h264"),
+    g.add_argument("--codec", default="vp9", choices=fmt.WRITTEN_CODECS,
                    help="vp9 is decoded by DALI on CPU and GPU; h264 only on GPU (NVDEC)")
     g.add_argument("--short-side", type=int, default=256, help="scale so the shorter side is this (a multiple of "
                    "--align); the long side keeps the aspect, rounded to the nearest multiple of --align")

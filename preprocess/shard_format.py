@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT_VERSION = 1
@@ -25,6 +26,41 @@ FRAMES_EXT = "nf"   # int32 LE number of frames in the encoded video
 META_EXT = "json"   # {"source", "label", "label_name", "fps", "frames", "width", "height", "duration", ...}
 VIDEO_CRC_FIELD = "video_crc32"   # in the json: zlib.crc32 of the mp4 member, checked by every read (older shards lack it)
 SAMPLE_EXTS = (VIDEO_EXT, LABEL_EXT, FRAMES_EXT, META_EXT)  # order inside each sample in the tar
+
+# --- codecs: one vocabulary for the sharder (names, ffmpeg encoders), the MP4 reader (sample-entry fourccs) and
+# the loaders and doctor (which backend decodes what: DALI 2.4's CPU decoder handles VP9, VP8 and MJPEG only)
+@dataclass(frozen=True)
+class Codec:
+    name: str                      # manifest `encoding.codec` and `python -m preprocess --codec`
+    label: str                     # for people
+    fourccs: tuple[str, ...]       # MP4 sample-entry types
+    cpu: bool                      # DALI's CPU decoder handles it (every codec here decodes on NVDEC)
+    encoder: str | None = None     # the ffmpeg encoder `python -m preprocess` writes it with (None: not written)
+    aliases: tuple[str, ...] = ()  # other names for it in manifests and ffmpeg
+
+
+CODECS = (
+    Codec("vp9", "VP9", ("vp09",), True, "libvpx-vp9", ("libvpx-vp9", "vp09")),
+    Codec("vp8", "VP8", ("vp08",), True, aliases=("libvpx",)),
+    Codec("mjpeg", "MJPEG", ("mjpa", "mjpg", "jpeg"), True),
+    Codec("h264", "H.264", ("avc1", "avc3"), False, "libx264", ("libx264", "avc")),
+    Codec("hevc", "HEVC", ("hvc1", "hev1"), False, aliases=("h265", "libx265")),
+    Codec("av1", "AV1", ("av01",), False),
+    Codec("mpeg4", "MPEG-4", ("mp4v",), False),
+)
+WRITTEN_CODECS = tuple(c.name for c in CODECS if c.encoder)     # what `--codec` offers
+
+
+def codec_named(name: str) -> Codec | None:
+    """The codec a manifest or ffmpeg names ("vp9", "libx264", ...), or None."""
+    name = name.lower()
+    return next((c for c in CODECS if name == c.name or name in c.aliases), None)
+
+
+def codec_of_fourcc(fourcc: str) -> Codec | None:
+    """The codec of an MP4 sample-entry type ("vp09", "avc1", ...), or None."""
+    return next((c for c in CODECS if fourcc in c.fourccs), None)
+
 
 MANIFEST = "manifest.json"
 UNLABELLED = -1

@@ -16,6 +16,8 @@ from pathlib import Path
 import av
 import ffmpeg
 
+from . import shard_format as fmt
+
 
 class SkipVideo(Exception):
     """An input that cannot become a sample; the message is the reason written to errors.jsonl."""
@@ -48,11 +50,12 @@ class Encoding:
         common = {"g": self.gop, "keyint_min": self.gop, "pix_fmt": "yuv420p", "an": None, "sn": None, "dn": None,
                   "map_metadata": -1, "map_chapters": -1, "fflags": "+bitexact", "movflags": "+faststart",
                   "threads": self.threads, "f": "mp4"}
+        encoder = {c.name: c.encoder for c in fmt.CODECS if c.encoder}.get(self.codec)   # the one codec table
         if self.codec == "vp9":
-            return {**common, "vcodec": "libvpx-vp9", "deadline": "realtime", "cpu-used": 8, "row-mt": 1,
+            return {**common, "vcodec": encoder, "deadline": "realtime", "cpu-used": 8, "row-mt": 1,
                     "b:v": 0, "crf": self.crf}
         if self.codec == "h264":
-            return {**common, "vcodec": "libx264", "preset": "veryfast", "crf": min(self.crf, 51), "bf": 0,
+            return {**common, "vcodec": encoder, "preset": "veryfast", "crf": min(self.crf, 51), "bf": 0,
                     "sc_threshold": 0}
         raise ValueError(f"unknown codec {self.codec!r}: use vp9 (default; decodable by DALI on CPU and GPU) or h264")
 

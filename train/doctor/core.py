@@ -65,6 +65,8 @@ class Fail(Exception):
 
 
 @dataclass
+
+
 class Result:
     name: str
     status: str

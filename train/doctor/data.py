@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .core import PASS, WARN, ASSUMED_GPU_VIDEOS_PER_S, Fail, Result, _tar_header
 
+
 class DataChecks:
     def check_data_shards(self) -> Result:
         s = self._shards()

@@ -1,8 +1,10 @@
 """decode.*: the codec, the GPU decoder cache, CPU and GPU decoding through the real pipeline, and their agreement."""
 from __future__ import annotations
 
+from preprocess import shard_format
 
 from .core import PASS, WARN, FAIL, FRAME_TOL_MEAN, FRAME_TOL_P99, FRAME_FAIL_MEAN, Skip, Fail, Result
+
 
 class DecodeChecks:
     def check_decode_codec(self) -> Result:
@@ -13,8 +15,8 @@ class DecodeChecks:
         names = sorted({CPU_CODECS.get(c) or GPU_ONLY_CODECS.get(c) or c for c in codecs})
         m = {"manifest_codec": enc, "fourccs": codecs, "backend": self.run_backend}
         fig = f"shards {enc} ({', '.join(codecs) or 'no MP4 fourcc'}), backend {self.run_backend}"
-        gpu_only = [c for c in codecs if c not in CPU_CODECS] or (
-            [enc] if enc.lower() in ("h264", "hevc", "h265", "av1", "mpeg4") else [])
+        named = shard_format.codec_named(enc)
+        gpu_only = [c for c in codecs if c not in CPU_CODECS] or ([enc] if named is not None and not named.cpu else [])
         if self.run_backend == "cpu" and gpu_only:
             raise Fail(fig + f": DALI's CPU decoder cannot decode {', '.join(names) or enc}",
                        "re-shard with --codec vp9 (`python -m preprocess SRC OUT --codec vp9`; DALI's CPU backend "

@@ -6,6 +6,7 @@ import time
 
 from .core import PASS, WARN, MiB, Skip, Fail, Result
 
+
 class DistChecks:
     def check_dist_allreduce(self) -> Result:
         if "RANK" not in os.environ:

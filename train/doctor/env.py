@@ -9,7 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from preprocess.shard_format import CODECS
+
 from .core import PASS, WARN, FAIL, DRIVER_FOR_CUDA, GiB, MiB, Skip, Fail, Result, _gib, _mib, _driver_version, _has_nvidia_driver
+
+ENCODERS = tuple(c.encoder for c in CODECS if c.encoder)   # what `python -m preprocess` writes with
+
 
 class EnvChecks:
     def check_env_python(self) -> Result:
@@ -117,7 +122,7 @@ class EnvChecks:
             return Result("", WARN, f"no usable ffmpeg ({type(e).__name__}: {e})",
                           "only sharding (`python -m preprocess`) needs it: pip install imageio-ffmpeg, apt-get install "
                           "ffmpeg, or set FFMPEG_BINARY")
-        have = {enc: bool(re.search(rf"^\s*V\S*\s+{re.escape(enc)}\s", encoders, re.M)) for enc in ("libvpx-vp9", "libx264")}
+        have = {enc: bool(re.search(rf"^\s*V\S*\s+{re.escape(enc)}\s", encoders, re.M)) for enc in ENCODERS}
         m = {"path": exe, "version": version, **{f"encoder_{k}": v for k, v in have.items()}}
         fig = f"{version.split(' Copyright')[0]}; " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in have.items())
         if not all(have.values()):

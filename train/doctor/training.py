@@ -9,6 +9,7 @@ import traceback
 
 from .core import PASS, WARN, LOSS_RTOL, GiB, Skip, Fail, Result, _gib, _mib, _mem_available
 
+
 class TrainChecks:
     def _template(self):
         """The configured objective, built once on the CPU with the run's seed (copied for every step)."""
