@@ -65,17 +65,24 @@ def feed_and_decode(spec: Spec, source, backend: str, meta_dtypes: dict):
     return node, video
 
 
+def view_clip(video, node: dict, k: int, length: int, spec: Spec):
+    """View k of every sample: its frames (``node["orders"]``) of the decoded video, cropped (``node["rois"]``; a
+    reversed x range mirrors) and resized to S x S. uint8 L x S x S x 3."""
+    S = spec.cfg.crop_size
+    clip = fn.sequence_rearrange(video, new_order=node["orders"][k, 0:length])
+    return fn.resize(clip, size=[S, S], roi_start=node["rois"][k, 0:2], roi_end=node["rois"][k, 2:4],
+                     interp_type=types.INTERP_LINEAR, antialias=spec.cfg.antialias)
+
+
 @pipeline_def(enable_conditionals=True)
 def video_graph(spec: Spec, source, backend: str):
-    cfg, T, S = spec.cfg, spec.cfg.num_frames, spec.cfg.crop_size
+    cfg, T = spec.cfg, spec.cfg.num_frames
     node, video = feed_and_decode(spec, source, backend, META_DTYPES)
-    orders, rois, colour = node.get("orders"), node.get("rois"), node.get("colour")
+    colour = node.get("colour")
     slot = {k: i for i, k in enumerate(spec.colour_keys)}
     out = {}
     for k, v in enumerate(spec.views):
-        clip = fn.sequence_rearrange(video, new_order=orders[k, 0:v.length])
-        clip = fn.resize(clip, size=[S, S], roi_start=rois[k, 0:2], roi_end=rois[k, 2:4],
-                         interp_type=types.INTERP_LINEAR, antialias=cfg.antialias)            # L x S x S x 3 uint8
+        clip = view_clip(video, node, k, v.length, spec)                                    # L x S x S x 3 uint8
         cur = clip if v.prev is None else fn.sequence_rearrange(clip, new_order=list(range(1, v.length)))
         if v.rgb:
             if v.rgb in slot:

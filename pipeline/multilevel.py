@@ -30,7 +30,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from pipeline import sampling
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, MULTILEVEL_OUTPUTS, AugConfig
-from pipeline.graph import META_DTYPES, _colour, _normalise, feed_and_decode
+from pipeline.graph import META_DTYPES, _colour, _normalise, feed_and_decode, view_clip
 from pipeline.shards import Sample
 from pipeline.views import Feed, Spec, View
 
@@ -153,15 +153,13 @@ def _colour_per_frame(x, p, spec: Spec):
 def multilevel_graph(spec: Spec, source, backend: str):
     """pipeline.graph.video_graph for the multi-level feed: decode the needed frames once, then per clip
     rearrange -> crop/flip/resize -> colour -> normalise (clip_*) and / 255 (raw_*)."""
-    cfg, S = spec.cfg, spec.cfg.crop_size
+    cfg = spec.cfg
     node, video = feed_and_decode(spec, source, backend, _DTYPES)
-    orders, rois, colour = node.get("orders"), node.get("rois"), node.get("colour")
+    colour = node.get("colour")
     slot = {k: i for i, k in enumerate(spec.colour_keys)}
     out = {}
     for k, v in enumerate(spec.views):
-        clip = fn.sequence_rearrange(video, new_order=orders[k, 0:v.length])
-        clip = fn.resize(clip, size=[S, S], roi_start=rois[k, 0:2], roi_end=rois[k, 2:4],
-                         interp_type=types.INTERP_LINEAR, antialias=cfg.antialias)            # T x S x S x 3 uint8
+        clip = view_clip(video, node, k, v.length, spec)                                    # T x S x S x 3 uint8
         if v.rgb:
             x = clip
             if v.rgb in slot:
