@@ -87,9 +87,10 @@ def doctor_rows(data: Path, backend: str, only: str, overrides: list[str], work:
 
 def decode_rate(data: Path, backend: str, trim: bool, crop: int, batch: int, steps: int) -> dict:
     """Videos/s and decoded frames/s of FIMA pretraining views (two windows, global + local diff clips)."""
+    from model import OBJECTIVES
     from pipeline import AugConfig, pretrain_loader
-    loader = pretrain_loader(data, "fima", batch_size=batch, config=AugConfig(crop_size=crop), backend=backend,
-                             device_id=0 if backend == "gpu" else None, trim=trim)
+    loader = pretrain_loader(data, OBJECTIVES["fima"].required_inputs, batch_size=batch, config=AugConfig(crop_size=crop),
+                             backend=backend, device_id=0 if backend == "gpu" else None, trim=trim)
     try:
         it = iter(loader)
         next(it)                                       # build + first batch (decoder creation) untimed

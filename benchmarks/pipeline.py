@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import AugConfig, ShardSet, pretrain_loader              # noqa: E402
 from pipeline import sampling                                         # noqa: E402
-from pipeline.config import OBJECTIVE_OUTPUTS                         # noqa: E402
+from model import OBJECTIVES                                          # noqa: E402
 from benchmarks._common import sample_shards                          # noqa: E402
 
 UCF_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "ucf101-mini"
@@ -166,7 +166,7 @@ def _nvdec_sampler():
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shards", type=Path, help="a shard set folder (OUT/train); default: shard ucf101-mini")
-    p.add_argument("--objective", default="fima", choices=sorted(OBJECTIVE_OUTPUTS))
+    p.add_argument("--objective", default="fima", choices=sorted(OBJECTIVES))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--crop", type=int, default=224)
@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
             args.shards = sample_shards(Path(tmp.name), train_per_class=2, test_per_class=1) / "train"
 
     cfg = AugConfig(num_frames=args.frames, crop_size=args.crop)
-    outputs = OBJECTIVE_OUTPUTS[args.objective]
+    outputs = OBJECTIVES[args.objective].required_inputs          # the objective says what it needs
     clips_per_video = sum(not k.startswith("box") for k in outputs)
     torch.set_num_threads(1)
 

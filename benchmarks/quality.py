@@ -2,7 +2,8 @@
 
 For each seed: pretrain every objective for --steps steps (`python -m train --config PRESET`), then probe the
 random-init backbone of that seed and each pretrained one with the linear probe and weighted kNN on the same
-labelled shard set (`python -m evaluate linear|knn`). Prints a table and one JSON line with every figure, the
+labelled shard set (`python -m evaluate linear|knn`), and fine-tune each of them with the same budget
+(`python -m evaluate finetune`, --finetune-epochs, Adam 1e-3, the seed's data order: the papers' main probe). Prints a table and one JSON line with every figure, the
 mean and spread (max - min over seeds) per model and probe, and the gains over random init as differences and
 ratios (quality, like speed, as a ratio against a baseline measured in the same run).
 
@@ -45,8 +46,9 @@ def pretrain(preset: str, data: Path, objective: str, seed: int, steps: int, out
 
 def probe(command: str, model: list[str], data: Path, out: Path, cache: Path, eval_flags: list[str]) -> float:
     from evaluate.cli import main as evaluate_main
-    rc = evaluate_main([command, *model, "--data", str(data), "--out", str(out), "--cache-dir", str(cache),
-                        "--no-progress", *eval_flags])
+    cached = ["--cache-dir", str(cache)] if command != "finetune" else []   # fine-tuning trains the backbone
+    rc = evaluate_main([command, *model, "--data", str(data), "--out", str(out), *cached, "--no-progress",
+                        *eval_flags])
     if rc != 0:
         raise SystemExit(f"evaluate {command} failed for {model}")
     return json.loads((out / "results.json").read_text())["result"]["top1"]
@@ -62,6 +64,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default 0 1): pretraining, random init "
                    "and probes")
     p.add_argument("--test-clips", type=int, default=5, help="clips per video of the probes' features (default 5)")
+    p.add_argument("--finetune-epochs", type=int, default=30, help="epochs of the fine-tuning probe, the same for "
+                   "every model (default 30; 0 = no fine-tuning probe)")
     p.add_argument("--work", type=Path, help="folder for data, runs and results (default: a temp folder)")
     p.add_argument("overrides", nargs="*", help="key=value pretraining config overrides, for every run")
     a = p.parse_args()
@@ -74,7 +78,13 @@ def main() -> None:
     eval_flags = ["--frames", str(cfg["frames"]), "--stride", str(cfg["stride"]), "--crop", str(cfg["crop"]),
                   "--test-clips", str(a.test_clips)]
     models = ["random", *a.objectives]
-    top1 = {probe_name: {m: [] for m in models} for probe_name in ("linear", "knn")}
+    probes = ("linear", "knn") + (("finetune",) if a.finetune_epochs else ())
+    e = a.finetune_epochs
+    flags = {"linear": eval_flags, "knn": eval_flags,   # fine-tuning: the CPU recipe (the demo's optimiser), same budget
+             "finetune": [*eval_flags, "--optimizer", "adam", "--lr", "0.001", "--lr-batch", "0", "--batch-size",
+                          str(cfg["batch_size"]), "--epochs", str(e), "--milestones", str(max(1, e * 4 // 5)),
+                          "--flip-p", str(cfg["flip_p"]), "--num-threads", str(cfg["num_threads"]), "--resume", "none"]}
+    top1 = {probe_name: {m: [] for m in models} for probe_name in probes}
     seconds = {m: [] for m in a.objectives}
     for seed in a.seeds:
         for obj in a.objectives:
@@ -85,7 +95,8 @@ def main() -> None:
                     if m == "random" else ["--checkpoint", str(work / "runs" / f"{m}-s{seed}")])
             for probe_name in top1:
                 top1[probe_name][m].append(probe(probe_name, [*spec, "--seed", str(seed)], data,
-                                                 work / "eval" / f"{m}-s{seed}-{probe_name}", work / "cache", eval_flags))
+                                                 work / "eval" / f"{m}-s{seed}-{probe_name}", work / "cache",
+                                                 flags[probe_name]))
 
     def mean(v):
         return sum(v) / len(v)
@@ -107,6 +118,7 @@ def main() -> None:
         print(f"{m:<10}{cells}")
     print(json.dumps({"benchmark": "quality", "data": str(data), "preset": a.preset, "overrides": a.overrides,
                       "steps": a.steps, "seeds": a.seeds, "test_clips": a.test_clips,
+                      "finetune_epochs": a.finetune_epochs,
                       "pretrain_seconds": {m: [round(s, 1) for s in v] for m, v in seconds.items()},
                       "top1": summary, "gain": gains}))
 

@@ -1,4 +1,5 @@
-"""Augmentation parameters (DESIGN.md §3 defaults) and the output sets each objective consumes."""
+"""Augmentation parameters (DESIGN.md §3 defaults) and the keys a loader can produce (the objectives say which
+of them they need: ``required_inputs`` in model/; the pipeline knows no objective names)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -8,13 +9,7 @@ KINETICS_STD = (0.22803, 0.22145, 0.216989)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)           # the multi-level reference normalises with these
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Output keys per objective (a fixed contract with model/ and train/).
-FIMA_OUTPUTS = ("rgb_m", "rgb_n", "diff_m", "diff_n", "diff_m1", "diff_m2", "diff_n1", "diff_n2", "box_m", "box_n")
-MOCO_OUTPUTS = ("rgb_m", "rgb_n")
-FAME_OUTPUTS = ("raw_m", "rgb_n")
-MULTILEVEL_OUTPUTS = ("clip_a", "clip_b", "clip_g")   # pipeline/multilevel.py lists every multi-level key
-OBJECTIVE_OUTPUTS = {"fima": FIMA_OUTPUTS, "moco": MOCO_OUTPUTS, "fame": FAME_OUTPUTS,
-                     "multilevel": MULTILEVEL_OUTPUTS}
+MULTILEVEL_OUTPUTS = ("clip_a", "clip_b", "clip_g")   # the three clips; pipeline/multilevel.py lists every key
 
 # Every key a pretraining loader can produce. Clips are [B,3,T,S,S] float32 (channels_last_3d).
 PRETRAIN_CLIPS = ("rgb_m", "rgb_n", "raw_m", "raw_n", "diff_m", "diff_n", "diff_m1", "diff_m2", "diff_n1", "diff_n2")

@@ -6,7 +6,7 @@ to ranks round-robin. Every rank runs ``len(loader)`` steps per epoch; ``state_d
 and ``load_state_dict()`` continues the same stream (and, since every random draw is keyed by
 (seed, epoch, position), the same crops and colours).
 
-    loader = pretrain_loader("OUT/train", "fima", batch_size=8, rank=r, world_size=w, seed=0, backend="gpu")
+    loader = pretrain_loader("OUT/train", model.required_inputs, batch_size=8, rank=r, world_size=w, seed=0, backend="gpu")
     for epoch in range(start, epochs):
         loader.set_epoch(epoch)
         for batch in loader:          # dict of tensors; clips [B,3,T,S,S] float32, channels_last_3d
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from pipeline import sampling
-from pipeline.config import OBJECTIVE_OUTPUTS, AugConfig
+from pipeline.config import AugConfig
 from pipeline.container import ivf_frame_count, trim_to_ivf
 from pipeline.graph import BACKENDS, video_graph
 from pipeline.multilevel import is_multilevel, multilevel_feed, multilevel_graph, multilevel_spec
@@ -350,14 +350,16 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
     return out if out.device == device else out.to(device, non_blocking=True)
 
 
-def pretrain_loader(shard_dir: str | Path, outputs: str | tuple[str, ...] = "fima", *, batch_size: int,
+def pretrain_loader(shard_dir: str | Path, outputs: tuple[str, ...], *, batch_size: int,
                     config: AugConfig | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                     backend: str = "cpu", device_id: int | None = None, num_threads: int | None = None,
                     prefetch: int = 2, trim: bool | None = None) -> VideoLoader:
-    """Pretraining views of ``shard_dir`` (e.g. OUT/train). ``outputs``: "fima", "moco", "fame", "multilevel" or
-    a tuple of keys (pipeline.config.PRETRAIN_CLIPS + PRETRAIN_META, or the multi-level keys of
+    """Pretraining views of ``shard_dir`` (e.g. OUT/train). ``outputs``: the keys to produce, typically a built
+    objective's ``required_inputs`` (pipeline.config.PRETRAIN_CLIPS + PRETRAIN_META, or the multi-level keys of
     pipeline/multilevel.py); only those are computed."""
-    outputs = OBJECTIVE_OUTPUTS[outputs] if isinstance(outputs, str) else tuple(outputs)
+    if isinstance(outputs, str):
+        raise TypeError(f"outputs={outputs!r}: give the keys to produce (an objective's required_inputs), not a name")
+    outputs = tuple(outputs)
     if is_multilevel(outputs):
         spec, kind = multilevel_spec(outputs, config or AugConfig()), "multilevel"
     else:

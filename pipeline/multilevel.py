@@ -13,7 +13,7 @@ every frame independently, as the reference does (blur stays per clip). The refe
 in ``REFERENCE_AUG`` (crop 112, area 0.5-1, jitter 0.5/0.5/0.5/0.25 with p 1, grey p 0.5, no blur, ImageNet
 mean/std, per-frame colour).
 
-Outputs (``pretrain_loader(dir, "multilevel")`` gives ``MULTILEVEL_OUTPUTS``; any subset of these keys works):
+Outputs (``pretrain_loader(dir, MULTILEVEL_OUTPUTS)`` gives clips A, B, G; any subset of these keys works):
 * "clip_a", "clip_b", "clip_g": float32 [B, 3, T, S, S] channels_last_3d, colour-augmented and normalised;
 * "raw_a", "raw_b", "raw_g": the cropped clips in [0, 1] without colour augmentation or normalisation;
 * "box_a", "box_b", "box_g" [B, 4] crop boxes (pipeline.sampling.crop_box), "frame_hw" [B, 2] float32;

@@ -17,12 +17,12 @@ def run_script(*args, timeout=900) -> subprocess.CompletedProcess:
 
 def test_quality_benchmark_compares_pretrained_models_with_the_random_init(synthetic_shards, tmp_path):
     r = run_script(REPO / "benchmarks" / "quality.py", "--data", synthetic_shards, "--steps", "2", "--seeds", "0",
-                   "--test-clips", "1", "--work", tmp_path, "crop=32", "batch_size=4", "num_threads=1",
+                   "--test-clips", "1", "--finetune-epochs", "1", "--work", tmp_path, "crop=32", "batch_size=4", "num_threads=1",
                    "queue_size=16")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["benchmark"] == "quality" and out["steps"] == 2 and out["seeds"] == [0]
-    for probe in ("linear", "knn"):
+    for probe in ("linear", "knn", "finetune"):
         for model in ("random", "moco", "fima"):
             v = out["top1"][probe][model]
             assert len(v["per_seed"]) == 1 and 0 <= v["mean"] <= 1 and v["spread"] == 0

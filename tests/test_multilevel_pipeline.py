@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import MULTILEVEL_OUTPUTS, OBJECTIVE_OUTPUTS, AugConfig, ShardSet, pretrain_loader
+from model import MultiLevel
+from pipeline import MULTILEVEL_OUTPUTS, AugConfig, ShardSet, pretrain_loader
 from pipeline.multilevel import clip_frames, draw_step_and_start, multilevel_indices
 
 CODEC_TOL = 2.5   # mean |DALI - PyAV| on 0..255 (as in test_pipeline_views.py)
@@ -118,9 +119,9 @@ def test_clips_match_pyav_at_the_formula_frames(syn_train):
 def test_output_sets_and_subsets(syn_train):
     """"multilevel" gives exactly clip_a/b/g, [B,3,T,S,S] float32 channels_last_3d; asking for fewer keys
     never changes the others (every draw is made for all clips); the same seed gives the same batch."""
-    assert OBJECTIVE_OUTPUTS["multilevel"] == MULTILEVEL_OUTPUTS == ("clip_a", "clip_b", "clip_g")
+    assert MultiLevel.required_inputs == MULTILEVEL_OUTPUTS == ("clip_a", "clip_b", "clip_g")
     cfg = AugConfig(num_frames=T, crop_size=32)
-    full = next(iter(pretrain_loader(syn_train, "multilevel", batch_size=2, config=cfg, seed=4)))
+    full = next(iter(pretrain_loader(syn_train, MULTILEVEL_OUTPUTS, batch_size=2, config=cfg, seed=4)))
     assert set(full) == set(MULTILEVEL_OUTPUTS)
     for v in full.values():
         assert v.shape == (2, 3, T, 32, 32) and v.dtype == torch.float32 and torch.isfinite(v).all()
@@ -131,7 +132,7 @@ def test_output_sets_and_subsets(syn_train):
     with pytest.raises(ValueError):
         pretrain_loader(syn_train, ("clip_a", "rgb_m"), batch_size=2, config=cfg)   # two view families
     with pytest.raises(ValueError):
-        pretrain_loader(syn_train, "multilevel", batch_size=2, config=AugConfig(num_frames=T, ml_rate=(2.0, 1.0)))
+        pretrain_loader(syn_train, MULTILEVEL_OUTPUTS, batch_size=2, config=AugConfig(num_frames=T, ml_rate=(2.0, 1.0)))
 
 
 def test_colour_clip_consistent_by_default_per_frame_as_a_switch(syn_train):

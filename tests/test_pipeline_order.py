@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from model import OBJECTIVES
 from pipeline import AugConfig, CodecError, ShardSet, eval_loader, pretrain_loader
 from preprocess.cli import main as preprocess_main
 
@@ -45,7 +46,7 @@ def test_resume_continues_the_same_stream(synthetic_shards):
     """state_dict() after k batches, load_state_dict() in a new loader (or the same one, mid-epoch) gives the
     same next batches bit for bit: same samples, windows, crops and colours."""
     train = synthetic_shards / "train"
-    make = lambda: pretrain_loader(train, "fima", batch_size=2, config=TINY, seed=3)   # noqa: E731
+    make = lambda: pretrain_loader(train, OBJECTIVES["fima"].required_inputs, batch_size=2, config=TINY, seed=3)   # noqa: E731
     a = make()
     it = iter(a)
     for _ in range(3):
@@ -115,11 +116,14 @@ def test_gop_trimming_is_lossless(ucf_shards):
 
 
 def test_clear_errors(tmp_path, sample_videos):
+    moco = OBJECTIVES["moco"].required_inputs
     with pytest.raises(FileNotFoundError, match="python -m preprocess"):
-        pretrain_loader(tmp_path / "nope", batch_size=2)
+        pretrain_loader(tmp_path / "nope", moco, batch_size=2)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no shards"):
-        pretrain_loader(tmp_path / "empty", batch_size=2)
+        pretrain_loader(tmp_path / "empty", moco, batch_size=2)
+    with pytest.raises(TypeError, match="required_inputs"):        # the pipeline knows no objective names
+        pretrain_loader(tmp_path / "nope", "moco", batch_size=2)
     with pytest.raises(ValueError, match="unknown pretraining outputs"):
         pretrain_loader(sample_videos, ("rgb_m", "rgb_local"), batch_size=2)
     # an H.264 shard set: the CPU backend names the codec and the fix
@@ -129,12 +133,13 @@ def test_clear_errors(tmp_path, sample_videos):
     (src / video.name).write_bytes(video.read_bytes())
     assert preprocess_main([str(tmp_path / "src"), str(tmp_path / "h264"), "--codec", "h264", "--no-progress"]) == 0
     with pytest.raises(CodecError, match="--codec vp9"):
-        pretrain_loader(tmp_path / "h264" / "train", "moco", batch_size=1, config=TINY)
+        pretrain_loader(tmp_path / "h264" / "train", OBJECTIVES["moco"].required_inputs, batch_size=1, config=TINY)
 
 
 def test_config_errors(synthetic_shards):
     with pytest.raises(ValueError, match="stride 2"):
-        pretrain_loader(synthetic_shards / "train", "fima", batch_size=2, config=AugConfig(stride=3))
+        pretrain_loader(synthetic_shards / "train", OBJECTIVES["fima"].required_inputs, batch_size=2,
+                        config=AugConfig(stride=3))
     with pytest.raises(ValueError, match="frame0"):
         AugConfig(frame0="mirror")
     with pytest.raises(ValueError, match="unknown AugConfig keys"):

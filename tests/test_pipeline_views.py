@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import OBJECTIVES
 from pipeline import AugConfig, ShardSet, pretrain_loader
 
 CODEC_TOL = 2.5   # mean |DALI - PyAV| on 0..255 (different YUV->RGB conversion; dali-facts measured ~1.3)
@@ -207,12 +208,14 @@ def test_normalisation_and_colour_maps(syn_train):
 
 
 def test_objective_output_sets(syn_train):
-    """FIMA, MoCo and FAME get exactly their keys; every clip is [B,3,T,S,S] float32 channels_last_3d."""
+    """FIMA, MoCo and FAME (their required_inputs) get exactly those keys; every clip is [B,3,T,S,S] float32
+    channels_last_3d."""
     cfg = AugConfig(num_frames=4, crop_size=32)
     expect = {"fima": {"rgb_m", "rgb_n", "diff_m", "diff_n", "diff_m1", "diff_m2", "diff_n1", "diff_n2", "box_m", "box_n"},
               "moco": {"rgb_m", "rgb_n"}, "fame": {"raw_m", "rgb_n"}}
     for objective, keys in expect.items():
-        batch = first_batch(pretrain_loader(syn_train, objective, batch_size=2, config=cfg))
+        assert set(OBJECTIVES[objective].required_inputs) == keys
+        batch = first_batch(pretrain_loader(syn_train, OBJECTIVES[objective].required_inputs, batch_size=2, config=cfg))
         assert set(batch) == keys
         for k, v in batch.items():
             if k.startswith("box"):
@@ -220,5 +223,6 @@ def test_objective_output_sets(syn_train):
             else:
                 assert v.shape == (2, 3, 4, 32, 32) and v.dtype == torch.float32
                 assert v.is_contiguous(memory_format=torch.channels_last_3d) and torch.isfinite(v).all()
-    raw = first_batch(pretrain_loader(syn_train, "fame", batch_size=2, config=cfg))["raw_m"]
+    raw = first_batch(pretrain_loader(syn_train, OBJECTIVES["fame"].required_inputs, batch_size=2,
+                                      config=cfg))["raw_m"]
     assert raw.min() >= 0 and raw.max() <= 1

@@ -250,13 +250,14 @@ def test_backbone_width_reaches_the_model_and_is_checked():
 
 def test_flip_p_reaches_the_pipeline(data):
     """flip_p=0 (the demo: direction classes) mirrors no clip; flip_p=1 mirrors every one (x1 > x2 in its box)."""
+    from model import OBJECTIVES
     from pipeline import pretrain_loader
     from train.recipe import aug_config
     mirrored = {}
     for p in (0, 1):
         cfg = load_config("demo", [f"flip_p={p}", "crop=32"])
-        loader = pretrain_loader(data, "fima", batch_size=4, config=aug_config(cfg), seed=0, backend="cpu",
-                                 num_threads=1)
+        loader = pretrain_loader(data, OBJECTIVES["fima"].required_inputs, batch_size=4, config=aug_config(cfg), seed=0,
+                                 backend="cpu", num_threads=1)
         try:
             batch = next(iter(loader))
         finally:
