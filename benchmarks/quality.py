@@ -29,8 +29,13 @@ sys.path.insert(0, str(REPO))
 from benchmarks._common import sample_shards  # noqa: E402
 
 # The synthetic sample the benchmark makes when no --data is given (see README, "The embedded sample").
-SAMPLE = dict(kind="camera", train_per_class=16, test_per_class=8, height=96, width=128, frames=64)
+# The camera kind with 4 scenes shared by the videos (so scene identity cannot tell videos apart), as measured in
+# the README's Status: there fine-tuning from FIMA converges on every seed, from random init on some.
+SAMPLE = dict(kind="camera", scenes=4, train_per_class=16, test_per_class=8, height=96, width=128, frames=64)
 SAMPLE_SHORT_SIDE = 96
+# ... and its recipe on top of the demo preset: 96 videos at batch 8 are 12 steps per epoch, so 25 epochs put the
+# cosine's end at step 300 (the default --steps); a 64-key queue spans under half an epoch
+SAMPLE_OVERRIDES = ["queue_size=64", "epochs=25"]
 
 
 def pretrain(preset: str, data: Path, objective: str, seed: int, steps: int, out: Path, overrides: list[str]) -> float:
@@ -72,6 +77,9 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="quality-"))
     work.mkdir(parents=True, exist_ok=True)
     data = a.data or sample_shards(work / "sample", short_side=SAMPLE_SHORT_SIDE, **SAMPLE)
+    if not a.data:   # the sample's recipe, unless the command line sets those keys
+        given = {o.split("=", 1)[0] for o in a.overrides}
+        a.overrides = [o for o in SAMPLE_OVERRIDES if o.split("=", 1)[0] not in given] + a.overrides
 
     from train.config import load_config
     cfg = load_config(a.preset, a.overrides)
