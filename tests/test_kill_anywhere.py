@@ -90,10 +90,15 @@ def losses(run: Path) -> dict[int, float]:
             if "loss/loss" in r}
 
 
-def test_training_killed_anywhere_resumes_bit_identically(synthetic_shards, tmp_path):
-    cmd = [sys.executable, "-m", "train", "--no-progress", *TRAIN, f"data={synthetic_shards / 'train'}"]
+def test_training_killed_anywhere_resumes_bit_identically(damaged_shards, tmp_path):
+    """On the shard set with three damaged samples (tests/conftest.py `damage`): the uninterrupted run sets them
+    aside as it meets them; a run killed anywhere (before or after it logged them) and resumed ends the same."""
+    data, damaged = damaged_shards
+    cmd = [sys.executable, "-m", "train", "--no-progress", *TRAIN, "max_bad_samples=5", f"data={data / 'train'}"]
     full = timed([*cmd, f"out_dir={tmp_path / 'ref'}"])
     ref = state(tmp_path / "ref")
+    logged = lambda run: {json.loads(x)["key"] for x in (run / "bad_samples.jsonl").read_text().splitlines()}  # noqa: E731
+    assert logged(tmp_path / "ref") == damaged
     rng = random.Random(SEED + 1)
     survived = 0
     for point in range(POINTS):
@@ -110,6 +115,7 @@ def test_training_killed_anywhere_resumes_bit_identically(synthetic_shards, tmp_
             assert all(torch.equal(a[k], b[k]) for k in a), point
         assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(ref["rng"], got["rng"]))
         assert losses(out) == losses(tmp_path / "ref")            # one line per step, the same numbers
+        assert logged(out) == damaged
         assert not list((out / "checkpoints").glob(".*.tmp"))      # what a kill mid-save left was cleaned up
         survived += 1
     print(f"\ntrain: {survived}/{POINTS} kill points survived (seed {SEED})")
