@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import build_objective  # noqa: E402
 from pipeline import pretrain_loader  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.recipe import aug_config, build_optimizer, objective_kwargs  # noqa: E402
+from train.recipe import aug_config, build_optimizer, device_and_backend, objective_kwargs  # noqa: E402
 from benchmarks._common import sample_shards, timed_steps  # noqa: E402
 
 
@@ -39,10 +39,10 @@ def main() -> None:
                              test_per_class=1)
         print(f"{cfg['data']} holds no shard set: using the synthetic sample in {made}", file=sys.stderr)
         cfg["data"] = str(made / "train")
-    cuda = torch.cuda.is_available() and cfg["backend"] != "cpu"
+    cuda, backend = device_and_backend(cfg)                  # the trainer's rule and CUDA switches
     device = torch.device("cuda" if cuda else "cpu")
-    backend = "gpu" if cuda else "cpu"
-    loader = pretrain_loader(cfg["data"], cfg["objective"], batch_size=cfg["batch_size"], config=aug_config(cfg),
+    required = build_objective(cfg["objective"], **objective_kwargs(cfg)).required_inputs   # the model's contract
+    loader = pretrain_loader(cfg["data"], tuple(required), batch_size=cfg["batch_size"], config=aug_config(cfg),
                              seed=cfg["seed"], backend=backend, device_id=0 if cuda else None,
                              num_threads=cfg["num_threads"])
 
