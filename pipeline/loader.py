@@ -6,7 +6,8 @@ to ranks round-robin. Every rank runs ``len(loader)`` steps per epoch; ``state_d
 and ``load_state_dict()`` continues the same stream (and, since every random draw is keyed by
 (seed, epoch, position), the same crops and colours).
 
-    loader = pretrain_loader("OUT/train", model.required_inputs, batch_size=8, rank=r, world_size=w, seed=0, backend="gpu")
+    loader = pretrain_loader("OUT/train", model.required_inputs, batch_size=8, rank=r, world_size=w, seed=0,
+                             backend="gpu")
     for epoch in range(start, epochs):
         loader.set_epoch(epoch)
         for batch in loader:          # dict of tensors; clips [B,3,T,S,S] float32, channels_last_3d
