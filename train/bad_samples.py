@@ -48,6 +48,10 @@ class BadSamples:
     def __init__(self, out_dir: Path, loader, max_bad: float, exclude_file: str, d: D.Dist):
         self.path, self.loader, self.d = Path(out_dir) / FILE, loader, d
         self.limit = int(max_bad) if max_bad >= 1 else int(max_bad * loader.num_videos)
+        if d.is_main and self.path.is_file():   # a writer killed mid-line: drop the fragment, or the next append
+            data = self.path.read_bytes()          # would be glued to it and lost with it
+            if data and not data.endswith(b"\n"):
+                self.path.write_bytes(data[:data.rfind(b"\n") + 1])
         known = read_records(self.path) + (read_keys(Path(exclude_file)) if exclude_file else [])
         self.excluded = loader.exclude(known)
 
