@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import FAME, FIMA, MoCo, build_objective
+from model.queue import KeyQueue
 
 CLIPS = ("rgb_m", "rgb_n", "diff_m", "diff_n", "diff_m1", "diff_m2", "diff_n1", "diff_n2")
 TINY_I3D = {"width": 0.125}
@@ -294,3 +295,8 @@ def test_batch_negatives_add_the_other_videos_keys_of_the_step():
     obj.batch_negatives = False
     out = obj.instance_loss(q_m, q_n, k_m, k_n)
     assert torch.allclose(out["loss_inst"], 0.5 * (by_hand(q_m, k_n, False) + by_hand(q_n, k_m, False)), atol=1e-5)
+    # No queue (the cpu_small recipe): the candidates are the step's own keys only, B of them per query.
+    obj.batch_negatives, queue = True, queue[:0]
+    obj.queue = KeyQueue(0, 128)
+    out = obj.instance_loss(q_m, q_n, k_m, k_n)
+    assert torch.allclose(out["loss_inst"], 0.5 * (by_hand(q_m, k_n, True) + by_hand(q_n, k_m, True)), atol=1e-5)
