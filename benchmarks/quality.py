@@ -8,7 +8,7 @@ mean and spread (max - min over seeds) per model and probe, and the gains over r
 ratios (quality, like speed, as a ratio against a baseline measured in the same run).
 
     python benchmarks/quality.py                          # the synthetic sample, made in a temp folder
-    python benchmarks/quality.py --data shards/ucf9 --steps 1200 --seeds 0 1 objective_overrides...
+    python benchmarks/quality.py --data shards/ucf9 --steps 280 --finetune-epochs 0   # cpu_small, 10 epochs
     python benchmarks/quality.py --steps 20 --seeds 0     # a smoke run
 
 --data OUT holds OUT/train (pretraining and the probes' training set) and OUT/test (the probes' test set).
@@ -63,7 +63,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="labelled shard folder with train/ and test/ (default: the synthetic "
                    "sample, made in --work)")
-    p.add_argument("--preset", default="demo", help="pretraining preset (default demo, the CPU recipe)")
+    p.add_argument("--preset", help="pretraining preset (default: demo plus the sample's recipe on the synthetic "
+                   "sample, cpu_small, the CPU-scale recipe measured on real video, with --data)")
     p.add_argument("--objectives", nargs="+", default=["moco", "fima"], help="objectives to pretrain (default moco fima)")
     p.add_argument("--steps", type=int, default=300, help="pretraining steps per run (default 300: ~25 min for both seeds on a 2-core CPU)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default 0 1): pretraining, random init "
@@ -77,7 +78,8 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="quality-"))
     work.mkdir(parents=True, exist_ok=True)
     data = a.data or sample_shards(work / "sample", short_side=SAMPLE_SHORT_SIDE, **SAMPLE)
-    if not a.data:   # the sample's recipe, unless the command line sets those keys
+    a.preset = a.preset or ("cpu_small" if a.data else "demo")
+    if not a.data and a.preset == "demo":   # the sample's recipe, unless the command line sets those keys
         given = {o.split("=", 1)[0] for o in a.overrides}
         a.overrides = [o for o in SAMPLE_OVERRIDES if o.split("=", 1)[0] not in given] + a.overrides
 

@@ -22,6 +22,7 @@ def test_quality_benchmark_compares_pretrained_models_with_the_random_init(synth
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["benchmark"] == "quality" and out["steps"] == 2 and out["seeds"] == [0]
+    assert out["preset"] == "cpu_small"                        # --data given: the CPU-scale recipe
     for probe in ("linear", "knn", "finetune"):
         for model in ("random", "moco", "fima"):
             v = out["top1"][probe][model]
