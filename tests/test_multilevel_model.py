@@ -124,8 +124,23 @@ def test_registry_interface_and_cluster_width():
 def test_any_grid(T, S):
     """Nothing assumes 16x112: 32 frames give 16/8/4 steps, 48 px a 2x2 last grid."""
     obj = tiny()
-    out = obj(make_batch(T=T, S=S))
-    assert all(torch.isfinite(v).all() for v in out.values())
+    batch = make_batch(T=T, S=S)
+    x = torch.cat([batch[k] for k in CLIPS])
+    with torch.no_grad():
+        low, mid, high = obj.encoder_q.forward_levels(x)
+    # time halves from layer 2 on (T/2, T/4, T/8); space halves in the stem (conv, pool) and every layer from 2 on:
+    # S/8, S/16, S/32, rounded up
+    grid = [-(-S // f) for f in (8, 16, 32)]
+    assert low.shape == (6, 16, T // 2, grid[0], grid[0])
+    assert mid.shape == (6, 32, T // 4, grid[1], grid[1])
+    assert high.shape == (6, 64, T // 8, grid[2], grid[2])
+    if (T, S) == (32, 48):
+        assert (low.shape[2], mid.shape[2], high.shape[2]) == (16, 8, 4) and high.shape[3:] == (2, 2)
+    feats = obj.levels(*(batch[k] for k in CLIPS))      # time kept, space pooled, reversed copies at low / mid
+    assert feats["low"].shape == (12, T // 2, 16) and feats["mid"].shape == (12, T // 4, 32)
+    assert feats["high"].shape == (6, T // 8, 64)
+    out = obj(batch)
+    assert out["loss"].shape == () and all(torch.isfinite(v).all() for v in out.values())
 
 
 def test_training_step_before_and_after_split():
