@@ -71,6 +71,7 @@ def _worker(r, world, tmp):
     try:
         x = torch.arange(3 * 2, dtype=torch.float32).view(3, 2) + 100 * r  # 3 rows per rank
         gathered = concat_all_gather(x)
+        torch.manual_seed(10 + r)  # different generators per rank: only the broadcast makes the permutations agree
         shuffled, idx = batch_shuffle(x)
         restored = batch_unshuffle(shuffled * 2, idx)  # a per-sample "encoder"
         q = KeyQueue(K=4, dim=2)
@@ -84,8 +85,8 @@ def _worker(r, world, tmp):
         out["loss"].backward()
         queues = [fima.queue.keys, fima.motion_queue.keys, fima.dense_queue.keys]
         ptrs = [fima.queue.ptr.item(), fima.motion_queue.ptr.item(), fima.dense_queue.ptr.item()]
-        torch.save((gathered, shuffled, restored, q.keys.clone(), q.ptr.item(), out["loss"].item(), queues, ptrs),
-                   f"{tmp}/rank{r}.pt")
+        torch.save((gathered, shuffled, restored, q.keys.clone(), q.ptr.item(), out["loss"].item(), queues, ptrs,
+                    idx), f"{tmp}/rank{r}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -97,7 +98,7 @@ def test_two_process_gather_shuffle_and_queue(tmp_path):
     rows = [torch.arange(6, dtype=torch.float32).view(3, 2) + 100 * r for r in range(world)]
     everything = torch.cat(rows)
     for r in range(world):
-        gathered, shuffled, restored, keys, ptr, loss, _, ptrs = results[r]
+        gathered, shuffled, restored, keys, ptr, loss, _, ptrs, _ = results[r]
         assert torch.isfinite(torch.tensor(loss))
         assert ptrs == [2 * 2 * world, 4 * 2 * world, (4 * 2 * 2 * 2 * world) % 40]  # 2B, 4B, 4*B*N keys per rank
         assert torch.equal(gathered, everything)
@@ -107,6 +108,13 @@ def test_two_process_gather_shuffle_and_queue(tmp_path):
         torch.testing.assert_close(keys[[2, 3, 0, 1]], everything[2:])
     for a, b in zip(results[0][6], results[1][6]):
         assert torch.equal(a, b)
-    # Both ranks drew their slices from one permutation: together they are the whole batch.
+    # Shuffle-BN: one permutation of the global batch, the same on every rank (rank 0's, broadcast), that really
+    # permutes: rank r's slice is rows r*n .. of the permuted batch, and rows cross ranks.
+    idx = [results[r][8] for r in range(world)]
+    assert torch.equal(idx[0], idx[1])
+    perm = torch.argsort(idx[0])
+    assert sorted(perm.tolist()) == list(range(3 * world))
     both = torch.cat([results[0][1], results[1][1]])
-    assert sorted(both[:, 0].tolist()) == sorted(everything[:, 0].tolist())
+    assert torch.equal(both, everything[perm])
+    assert not torch.equal(both, everything)                       # not the identity
+    assert (perm[:3] >= 3).any() and (perm[3:] < 3).any()           # each rank's keys go through the other rank's BN
