@@ -9,11 +9,14 @@ The loader sets a sample aside when it cannot be read or decoded and feeds a det
 * a run (or a resumed run) starts with the samples of that file and of ``exclude_samples`` set aside, so it
   never meets them again and feeds what the uninterrupted run fed;
 * ``max_bad_samples`` (a count, or a fraction of the shard set when < 1) is compared with a number that is the
-  same on every rank, so all ranks stop together, with a checkpoint.
+  same on every rank, so all ranks stop together, with a checkpoint. A fraction rounds up and allows at least one
+  (``limit``): the threshold is there to catch systematic damage (a wrong codec, a failing disk), and one damaged
+  file in a 48-video set is not that; 0 allows none.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -44,10 +47,20 @@ def read_keys(path: Path) -> list[dict]:
             if ln.strip() and not ln.lstrip().startswith("#")]
 
 
+def limit(max_bad: float, num_videos: int) -> int:
+    """How many bad samples a run tolerates: ``max_bad`` itself when >= 1 (a count), else that fraction of the set
+    rounded up and at least one, so the default 0.01 tolerates one bad file in any set (0 tolerates none)."""
+    if max_bad >= 1:
+        return int(max_bad)
+    if max_bad <= 0:
+        return 0
+    return max(1, math.ceil(max_bad * num_videos))
+
+
 class BadSamples:
     def __init__(self, out_dir: Path, loader, max_bad: float, exclude_file: str, d: D.Dist):
         self.path, self.loader, self.d = Path(out_dir) / FILE, loader, d
-        self.limit = int(max_bad) if max_bad >= 1 else int(max_bad * loader.num_videos)
+        self.limit = limit(max_bad, loader.num_videos)
         if d.is_main and self.path.is_file():   # a writer killed mid-line: drop the fragment, or the next append
             data = self.path.read_bytes()          # would be glued to it and lost with it
             if data and not data.endswith(b"\n"):

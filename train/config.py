@@ -29,7 +29,8 @@ DEFAULTS: dict[str, tuple[object, str]] = {
     "frame0": ("wrap", "frame difference of frame 0: wrap (reference: X0 - X(T-1)) or zero"),
     "max_bad_samples": (0.01, "samples that cannot be read or decoded are set aside (OUT_DIR/bad_samples.jsonl) and "
                               "replaced by the next good one; the run stops, with a checkpoint, once more than this "
-                              "many were: a count (>= 1) or a fraction of the shard set (< 1)"),
+                              "many were: a count (>= 1) or a fraction of the shard set (< 1; rounded up and at "
+                              "least one, so one bad file never stops a run on a small set; 0 = none)"),
     "exclude_samples": ("", "file of sample keys to set aside from the start, one per line (e.g. the bad_keys.txt of "
                             "`python -m preprocess verify`)"),
     # model and objective
