@@ -20,11 +20,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import shard_format as fmt
+from .lock import MAIN as MAIN_LOCK, Lock, LockedError, describe, job_lock_name, live_holders
 from .shards import TOOL, atomic_write, dump_json, pack_split, remove_stale_temps
 from .sources import FORMATS, LayoutError, Video, read_dataset
 from .video import Encoding, SkipVideo, transcode
 
 WORK = ".work"
+EXIT_LOCKED = 75   # EX_TEMPFAIL: another run holds OUT (or this array part); run again when it is done
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -96,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep OUT/.work (the transcoded videos) after packing; by default it is removed")
     g.add_argument("--strict", action="store_true", help="exit non-zero if any input was skipped")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.epilog += ("\n\nOne run per OUT: a run holds OUT/.preprocess.lock (host, pid), array job i holds "
+                 f"OUT/.preprocess.job-i-of-J.lock; a second run on the same OUT (or the same --job-index twice) "
+                 f"exits with code {EXIT_LOCKED} naming the holder. A killed run's lock is taken over by the next run "
+                 "on the same host; from another host, delete it once that run is known to be gone.")
     return p
 
 
@@ -164,6 +170,26 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     out.mkdir(parents=True, exist_ok=True)
+    with hold_out(out, args):
+        return transcode_and_pack(ds, out, name, enc, settings, args)
+
+
+def hold_out(out: Path, args: argparse.Namespace) -> Lock:
+    """The lock of this run on OUT (preprocess/lock.py): an array part holds its own part's lock and refuses while a
+    whole run (or --merge) holds OUT; a whole run holds OUT and refuses while any part runs."""
+    part = args.num_jobs > 1 and not args.merge
+    lock = Lock(out, job_lock_name(args.job_index, args.num_jobs) if part else MAIN_LOCK).acquire()
+    others = live_holders(out, MAIN_LOCK if part else ".preprocess.job-*.lock")
+    if others:
+        lock.release()
+        path, holder = others[0]
+        what = "a whole run (or --merge)" if part else f"{len(others)} array job part(s), e.g."
+        raise LockedError(f"{out} is being written by {what} {describe(holder, path)}: wait until "
+                          f"{'it is' if part else 'all parts are'} done ({path}) and run again (it resumes)")
+    return lock
+
+
+def transcode_and_pack(ds, out: Path, name: str, enc: Encoding, settings: dict, args: argparse.Namespace) -> int:
     work = out / WORK
     work.mkdir(exist_ok=True)
     settings_file = work / "settings.json"
@@ -275,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except LayoutError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except LockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
     except OSError as e:
         if e.errno == 28:   # ENOSPC: finished videos are kept in OUT/.work; a re-run continues from them
             print(f"error: {e.strerror or e}: free space and re-run the same command (it resumes)", file=sys.stderr)

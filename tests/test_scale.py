@@ -5,15 +5,22 @@ Real videos, real `python -m preprocess` and `python -m train` processes, DALI o
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import index_rows
 from preprocess import shard_format as fmt
+from preprocess.cli import EXIT_LOCKED
+from preprocess.sample_videos import make_sample_videos
 from train.bad_samples import limit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,3 +56,104 @@ def test_a_default_run_with_one_damaged_sample_finishes_and_names_it(synthetic_s
     ckpt = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))[-1]
     assert torch.load(ckpt, weights_only=True)["step"] == 6         # every step of the epoch ran
 
+
+# ---------------------------------------------------------------- one sharding run per OUT (preprocess/lock.py)
+def preprocess_cmd(src: Path, out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "preprocess", str(src), str(out), "--short-side", "64", "--workers", "1",
+            "--max-per-shard", "3", "--no-progress", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def small_videos(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lock_videos")
+    make_sample_videos(out, classes=("right", "left"), train_per_class=3, test_per_class=1, frames=32, progress=False)
+    return out
+
+
+def started(cmd: list[str], lock: Path) -> subprocess.Popen:
+    """A run started in its own process group, returned once it holds ``lock`` (it is then mid-transcode)."""
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    while (json.loads(lock.read_text() or "{}") if lock.is_file() else {}).get("pid") != p.pid:
+        assert p.poll() is None, f"the run ended before it was seen holding {lock}: {p.communicate()}"
+        time.sleep(0.01)
+    return p
+
+
+def refused(r: subprocess.CompletedProcess, holder: subprocess.Popen) -> bool:
+    return (r.returncode == EXIT_LOCKED and f"pid {holder.pid} on host {socket.gethostname()}" in r.stderr
+            and "Traceback" not in r.stderr + r.stdout)
+
+
+def verified(out: Path) -> bool:
+    r = subprocess.run([sys.executable, "-m", "preprocess", "verify", str(out), "--no-progress"], cwd=REPO,
+                       capture_output=True, text=True)
+    return r.returncode == 0
+
+
+def contents(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+            and p.name != "verify.json"}
+
+
+def test_two_runs_on_one_out_the_second_is_refused_naming_the_first(small_videos, tmp_path):
+    out = tmp_path / "out"
+    first = started(preprocess_cmd(small_videos, out), out / ".preprocess.lock")
+    os.killpg(first.pid, signal.SIGSTOP)              # held mid-run: the second run surely meets it
+    try:
+        second = subprocess.run(preprocess_cmd(small_videos, out), cwd=REPO, capture_output=True, text=True)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    assert refused(second, first), (second.returncode, second.stderr)
+    _, err = first.communicate()
+    assert first.returncode == 0, err[-2000:]
+    assert not (out / ".preprocess.lock").exists() and verified(out)
+    # a run after it is done is not refused, and changes nothing
+    before = contents(out)
+    again = subprocess.run(preprocess_cmd(small_videos, out), cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0 and contents(out) == before
+
+
+def test_a_killed_runs_lock_is_taken_over_and_the_result_is_whole(small_videos, tmp_path):
+    ref = tmp_path / "ref"
+    assert subprocess.run(preprocess_cmd(small_videos, ref), cwd=REPO, capture_output=True).returncode == 0
+    out = tmp_path / "out"
+    killed = started(preprocess_cmd(small_videos, out), out / ".preprocess.lock")
+    os.killpg(killed.pid, signal.SIGKILL)             # the run and its ffmpeg: no clean-up ran
+    killed.wait()
+    holder = json.loads((out / ".preprocess.lock").read_text())
+    assert holder["pid"] == killed.pid and holder["host"] == socket.gethostname()
+    r = subprocess.run(preprocess_cmd(small_videos, out), cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"took over the lock {out / '.preprocess.lock'}" in r.stderr and f"pid {killed.pid}" in r.stderr
+    assert contents(out) == contents(ref) and verified(out)
+
+
+def test_array_parts_run_side_by_side_but_the_same_part_twice_or_a_merge_is_refused(small_videos, tmp_path):
+    out = tmp_path / "out"
+    part = lambda i: preprocess_cmd(small_videos, out, "--num-jobs", 2, "--job-index", i)   # noqa: E731
+    first = started(part(0), out / ".preprocess.job-0-of-2.lock")
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        twice = subprocess.run(part(0), cwd=REPO, capture_output=True, text=True)
+        other = subprocess.run(part(1), cwd=REPO, capture_output=True, text=True)
+        merge = subprocess.run(preprocess_cmd(small_videos, out, "--merge"), cwd=REPO, capture_output=True, text=True)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    assert refused(twice, first), (twice.returncode, twice.stderr)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert refused(merge, first), (merge.returncode, merge.stderr)
+    _, err = first.communicate()
+    assert first.returncode == 0, err[-2000:]
+    merge = subprocess.run(preprocess_cmd(small_videos, out, "--merge"), cwd=REPO, capture_output=True, text=True)
+    assert merge.returncode == 0, merge.stderr[-2000:]
+    assert verified(out) and not list(out.glob(".preprocess*.lock"))
+
+
+def test_a_lock_from_another_host_is_not_guessed_at(small_videos, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".preprocess.lock").write_text(json.dumps({"host": "node-17", "pid": 4242, "since": 0, "command": "x"}))
+    r = subprocess.run(preprocess_cmd(small_videos, out), cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == EXIT_LOCKED and "pid 4242 on host node-17" in r.stderr and "delete the lock file" in r.stderr
+    assert "Traceback" not in r.stderr and sorted(p.name for p in out.iterdir()) == [".preprocess.lock"]
