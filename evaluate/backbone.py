@@ -66,12 +66,11 @@ def _fits(module: nn.Module, sd: dict) -> tuple[list, list, list]:
 
 
 def _width_kwargs(name: str, width: float) -> dict:
-    """Builder kwargs for a channel-width multiplier (train config `backbone_width`; only I3D has one)."""
+    """Builder kwargs for a channel-width multiplier (train config `backbone_width`; every backbone has one)."""
     if width == 1.0:
         return {}
-    if name != "i3d" or width <= 0:
-        raise EvalError(f"backbone width {width} needs a positive value and backbone i3d (the only one with a width "
-                        f"multiplier), not {name!r}")
+    if width <= 0:
+        raise EvalError(f"backbone width {width} for {name!r} must be positive (the pretraining run's backbone_width)")
     return {"width": width}
 
 

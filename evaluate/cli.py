@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "randomly initialised --backbone")
         g.add_argument("--backbone", metavar="NAME", help="i3d, r3d18 or r2plus1d18: with --random-init (default i3d); "
                        "with a checkpoint, only checked against the one it was trained with")
-        g.add_argument("--backbone-width", metavar="W", type=float, help="I3D channel-width multiplier of the "
+        g.add_argument("--backbone-width", metavar="W", type=float, help="channel-width multiplier of the "
                        "--random-init baseline (default 1.0; match the pretraining run's backbone_width); a "
                        "checkpoint brings its own")
         g = sp.add_argument_group("data and output")

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from train import distributed as D
-from train.recipe import precision_context
+from train.recipe import cuda_switches, precision_context
 
 from .data import Split
 
@@ -37,8 +37,7 @@ def make_runtime(backend: str = "auto", precision: str = "auto", num_threads: in
         raise ValueError("--backend gpu needs CUDA, which this machine does not have: use --backend cpu")
     d = D.setup(use_cuda)
     if use_cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        cuda_switches(cudnn_benchmark=True)    # the trainer's switches (train/recipe.py): fixed clip shapes
     if precision == "auto":
         precision = "bf16" if use_cuda else "fp32"   # bf16 autocast on the GPU; fp32 is the fast path on a CPU
     threads = num_threads or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))

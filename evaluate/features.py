@@ -30,20 +30,27 @@ from .context import Runtime
 from .data import Split, test_config
 
 FEATURE_VERSION = "pooled-mean-v1"     # bump when what a cached feature means changes
-# what a cached row holds: the pooled clip feature [C], or (temporal) the forward and time-reversed clip's [2C]
-FEATURE_KINDS = ("pooled", "pooled-forward-reversed")
+# what a cached row holds: the pooled clip feature [C], (temporal) the forward and time-reversed clip's [2C], or
+# (kNN's motion-reliance probe) the feature of the clip's middle frame repeated T times: the same scene, no motion
+FEATURE_KINDS = ("pooled", "pooled-forward-reversed", "pooled-static")
 DEFAULT_CACHE = Path(os.environ.get("EVAL_CACHE", Path.home() / ".cache" / "motionpretrain" / "eval-features"))
 
 
 def pooled(backbone: nn.Module, kind: str = "pooled"):
     """Clip batch [B,3,T,S,S] -> pooled last feature map [B, C] (global average over T', H', W'); for
-    "pooled-forward-reversed" [B, 2C]: the clip's, then the same clip played backwards (time flipped)."""
+    "pooled-forward-reversed" [B, 2C]: the clip's, then the same clip played backwards (time flipped); for
+    "pooled-static" [B, C]: the clip's middle frame repeated T times (every frame difference is zero)."""
     def forward(video):
         return backbone(video).float().mean(dim=(2, 3, 4))
     if kind == "pooled":
         return forward
     if kind == "pooled-forward-reversed":
         return lambda video: torch.cat([forward(video), forward(video.flip(2))], dim=1)
+    if kind == "pooled-static":
+        def static(video):
+            T = video.shape[2]
+            return forward(video[:, :, T // 2:T // 2 + 1].expand(-1, -1, T, -1, -1).contiguous())  # B x 3 x T x S x S
+        return static
     raise ValueError(f"unknown feature kind {kind!r}; choose from {FEATURE_KINDS}")
 
 

@@ -4,12 +4,17 @@ Video feature = mean of the L2-normalised pooled clip features (``test_clips`` u
 the cache linear and retrieval use); each test video's ``knn_k`` most cosine-similar train videos vote for their
 class with weight exp(cosine / ``knn_temperature``). No training, no hyper-parameter fitted on the test split:
 the probe that shows what the features hold as they are, next to the linear probe, which can re-weight them.
+
+Motion-reliance probe (``motion_probe=yes``, the default): the same vote for test clips whose frames are all the
+clip's middle frame (features.pooled "pooled-static"; the train videos stay as they are). A representation of
+scene alone loses nothing; one that needs motion drops. Reported as ``top1_static`` and ``motion_drop`` =
+top1 - top1_static (points of top-1 lost when the motion is taken away).
 """
 from __future__ import annotations
 
 from . import metrics
 from .context import Context
-from .features import extract_train_test
+from .features import extract_features, extract_train_test
 from .report import pct, write_results
 
 TABLE_KS = (1, 5, 20, 50)     # top-1 at these k as well, for the table and results.json
@@ -18,6 +23,10 @@ TABLE_KS = (1, 5, 20, 50)     # top-1 at these k as well, for the table and resu
 def run(ctx: Context) -> int:
     s, rt = ctx.settings, ctx.rt
     rows, how = extract_train_test(ctx)
+    probe_motion = s.get("motion_probe", "no") == "yes"
+    if probe_motion:   # every rank takes part in the extraction
+        static, how["test_static"] = extract_features(ctx.backbone.to(rt.d.device), ctx.info, ctx.splits["test"], s,
+                                                      rt, ctx.cache_dir, "pooled-static")
     if not rt.d.is_main:
         return 0
     num_classes = len(ctx.splits["train"].classes)
@@ -35,6 +44,13 @@ def run(ctx: Context) -> int:
               "test_videos": len(ql), "train_videos": len(gl), "features": how}
     scalars = {"top1": top[1], "top5": top[5]} | {f"top1_k{kk}": v for kk, v in by_k.items()}
     table = [("top-1 (%)", pct(top[1])), ("top-5 (%)", pct(top[5]))]
+    if probe_motion:
+        _, qs, qsl = metrics.video_features(static["out"], static["index"], static["label"])
+        top_static = metrics.topk_accuracy(metrics.knn_scores(qs, g, gl, num_classes, k, T), qsl, (1,))[1]
+        result |= {"top1_static": top_static, "motion_drop": top[1] - top_static}
+        scalars |= {"top1_static": top_static, "motion_drop": top[1] - top_static}
+        table += [("top-1, test clips without motion (%)", pct(top_static)),
+                  ("motion drop (points)", pct(top[1] - top_static))]
     table += [(f"top-1 at k={kk} (%)", pct(v)) for kk, v in by_k.items() if kk != k]
     table += [("majority class (%)", pct(chance)), ("test / train videos", f"{len(ql)} / {len(gl)}")]
     title = ctx.title("kNN", f"k={k}, T={T}, test videos vote by train videos, {s['test_clips']} clips per video",

@@ -47,6 +47,9 @@ KEYS: dict[str, tuple[type, str, tuple[str, ...]]] = {
     "ks": (str, "retrieval: comma-separated k of Recall@k", ("retrieval",)),
     "knn_k": (int, "kNN: neighbours that vote (weighted by exp(cosine / knn_temperature))", ("knn",)),
     "knn_temperature": (float, "kNN: temperature of the vote weights", ("knn",)),
+    "motion_probe": (str, "kNN: also classify every test clip replaced by its middle frame repeated (no motion left; "
+                          "yes/no); the drop in top-1 is how much the features rely on motion rather than scene",
+                     ("knn",)),
 }
 
 # the multi-level paper's temporal-order head (visualization/main_temporal.py): bias-free Linear(C, 2) on pooled
@@ -56,7 +59,7 @@ TEMPORAL = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e
 
 # weighted kNN on L2-normalised frozen features (Wu et al. 2018; DINO's eval_knn: k 20, T 0.07); the same under
 # both presets
-KNN = {"knn_k": 20, "knn_temperature": 0.07}
+KNN = {"knn_k": 20, "knn_temperature": 0.07, "motion_probe": "yes"}
 
 FIMA = {
     "note": "FAME/FIMA eval.py: SGD lr 0.01 at batch 16, wd 1e-4, 150 epochs, x0.1 at 60 and 120, dropout 0.7 UCF101 / "
@@ -149,6 +152,8 @@ def _check(s: dict) -> None:
                 parse_ints(s[key])
             except ValueError:
                 raise ValueError(f"--{key} {s[key]!r}: give comma-separated integers, e.g. 60,120") from None
+    if s.get("motion_probe", "no") not in ("yes", "no"):
+        raise ValueError(f"--motion-probe {s['motion_probe']!r}: give yes or no")
     if "knn_temperature" in s and s["knn_temperature"] <= 0:
         raise ValueError(f"--knn-temperature {s['knn_temperature']}: must be positive")
     if "dropout" in s and not 0 <= s["dropout"] < 1:

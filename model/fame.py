@@ -92,31 +92,46 @@ def fame_merge(x: torch.Tensor, mask: torch.Tensor, perm: torch.Tensor) -> torch
     return m * x + (1 - m) * x[perm]  # B x C x T x H x W
 
 
+def shared_background_keys(perm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """perm [B] of fame_merge -> the in-batch key that shares each query's background: skip_mn [B], the k_n of
+    the video whose background q_m[i] carries (perm[i]); skip_nm [B], the merged k_m[j] that carries video i's
+    background (perm[j] == i, so j = perm^-1[i])."""
+    return {"skip_mn": perm, "skip_nm": torch.argsort(perm)}
+
+
 class FAME(MoCo):
-    """MoCo hyper-parameters (see moco.py) plus beta (foreground fraction, 0.5), hue_wrap_bug, and
-    augment_kwargs for ColourAugment."""
+    """MoCo hyper-parameters (see moco.py) plus beta (foreground fraction, 0.5), hue_wrap_bug, augment_kwargs for
+    ColourAugment, and skip_shared_background.
+
+    skip_shared_background (only with batch_negatives): the merged clip of video i carries the background of video
+    perm[i], so among in-batch keys one negative shares half the query's pixels (the key of perm[i]; the other way
+    round, q_n[i] meets the merged key that carries i's own background). The reference never meets such a key (its
+    negatives come from a queue of earlier batches); True drops that one column per row so that in-batch negatives
+    pose the reference's task."""
 
     required_inputs: tuple[str, ...] = ("raw_m", "rgb_n")
 
     def __init__(
         self, backbone: str | Callable[[], nn.Module] = "i3d", *, beta: float = 0.5, hue_wrap_bug: bool = False,
-        augment_kwargs: dict | None = None, **moco_kwargs,
+        augment_kwargs: dict | None = None, skip_shared_background: bool = False, **moco_kwargs,
     ):
         super().__init__(backbone, **moco_kwargs)
-        self.beta, self.hue_wrap_bug = beta, hue_wrap_bug
+        self.beta, self.hue_wrap_bug, self.skip_shared_background = beta, hue_wrap_bug, skip_shared_background
         self.augment = ColourAugment(**(augment_kwargs or {}))
 
     @torch.no_grad()
-    def merge_and_augment(self, raw: torch.Tensor) -> torch.Tensor:
-        """[B, 3, T, H, W] in [0, 1] -> FAME-merged, colour-augmented, normalised clip."""
+    def merge_and_augment(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, T, H, W] in [0, 1] -> (FAME-merged, colour-augmented, normalised clip, perm [B]: clip i carries
+        the background of clip perm[i])."""
         with fp32(raw.device):  # blur and histograms in fp32 even under autocast
             mask = fame_foreground_mask(raw, self.beta, self.hue_wrap_bug)  # B x H x W
             perm = torch.randperm(raw.shape[0], device=raw.device)  # B, may map a clip to itself
-            return self.augment(fame_merge(raw.float(), mask, perm))  # B x 3 x T x H x W
+            return self.augment(fame_merge(raw.float(), mask, perm)), perm  # B x 3 x T x H x W, B
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """batch["raw_m"] [B, 3, T, H, W] in [0, 1]; batch["rgb_n"] normalised. Returns loss, loss_inst, acc_inst."""
-        x_m = self.merge_and_augment(batch["raw_m"])
+        x_m, perm = self.merge_and_augment(batch["raw_m"])
         if batch["rgb_n"].is_contiguous(memory_format=torch.channels_last_3d):
             x_m = x_m.contiguous(memory_format=torch.channels_last_3d)
-        return self.moco_forward(x_m, batch["rgb_n"])
+        skips = shared_background_keys(perm) if self.skip_shared_background and self.batch_negatives else {}
+        return self.moco_forward(x_m, batch["rgb_n"], **skips)

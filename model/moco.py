@@ -118,23 +118,26 @@ class MoCo(Objective):
         return fmap, q
 
     # --- instance loss ----------------------------------------------------------------------------
-    def instance_loss(self, q_m, q_n, k_m, k_n) -> dict[str, torch.Tensor]:
-        """Symmetric cross-clip MoCo loss; enqueues k_n then k_m (in training mode)."""
+    def instance_loss(self, q_m, q_n, k_m, k_n, skip_mn=None, skip_nm=None) -> dict[str, torch.Tensor]:
+        """Symmetric cross-clip MoCo loss; enqueues k_n then k_m (in training mode). skip_mn / skip_nm [B]: with
+        batch_negatives, the one in-batch key (local index) that is not a negative of q_m[i] / q_n[i] (FAME)."""
         queue = self.queue.snapshot()  # K x dim
-        logits_mn = self._with_batch(info_nce_logits(q_m, k_n, queue, self.T), q_m, k_n)  # B x (1+K[+B-1])
+        logits_mn = self._with_batch(info_nce_logits(q_m, k_n, queue, self.T), q_m, k_n, skip_mn)  # B x (1+K[+B-1])
         if self.training:
             self.queue.enqueue(k_n)
             if self.self_negative_bug:
                 queue = self.queue.snapshot()  # now holds k_n: q_n meets its own key
-        logits_nm = self._with_batch(info_nce_logits(q_n, k_m, queue, self.T), q_n, k_m)  # B x (1+K[+B-1])
+        logits_nm = self._with_batch(info_nce_logits(q_n, k_m, queue, self.T), q_n, k_m, skip_nm)  # B x (1+K[+B-1])
         if self.training:
             self.queue.enqueue(k_m)
         loss = 0.5 * (info_nce(logits_mn) + info_nce(logits_nm))
         return {"loss_inst": loss, "acc_inst": 0.5 * (top1(logits_mn) + top1(logits_nm))}
 
-    def _with_batch(self, logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def _with_batch(self, logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                    skip: torch.Tensor | None = None) -> torch.Tensor:
         """With batch_negatives: append q_i . k_j / T for the other videos j != i of this step (gathered over ranks,
-        so every rank sees the global batch) to the [positive, queue] logits."""
+        so every rank sees the global batch) to the [positive, queue] logits; skip [B] (local key indices) drops
+        one more column per row."""
         if not self.batch_negatives:
             return logits
         k_all = concat_all_gather(k)  # (W*B) x dim, rank order
@@ -143,16 +146,18 @@ class MoCo(Objective):
             l_batch = q.float() @ k_all.float().T / self.T  # B x W*B
             own = torch.arange(B, device=q.device) + off
             l_batch[torch.arange(B, device=q.device), own] = float("-inf")  # the positive is already column 0
+            if skip is not None:
+                l_batch[torch.arange(B, device=q.device), skip + off] = float("-inf")
             return torch.cat([logits, l_batch], dim=1)
 
-    def moco_forward(self, x_m: torch.Tensor, x_n: torch.Tensor) -> dict[str, torch.Tensor]:
+    def moco_forward(self, x_m: torch.Tensor, x_n: torch.Tensor, **skips) -> dict[str, torch.Tensor]:
         if self.training:
             self.momentum_update()
         (k_m,) = self.key_forward(x_m, self._embed_k)  # B x dim
         (k_n,) = self.key_forward(x_n, self._embed_k)  # B x dim
         _, q_m = self.encode_q(x_m)  # B x dim
         _, q_n = self.encode_q(x_n)  # B x dim
-        out = self.instance_loss(q_m, q_n, k_m, k_n)
+        out = self.instance_loss(q_m, q_n, k_m, k_n, **skips)
         return {"loss": out["loss_inst"], **out}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .resnet3d import VideoResNet18, _conv3x3x3
+from .resnet3d import VideoResNet18, _conv3x3x3, scaled_widths
 
 
 class R3D18Levels(VideoResNet18):
@@ -55,7 +55,8 @@ class R3D18Levels(VideoResNet18):
         return self(x, all_levels=True)
 
 
-def create_r3d18_ml(*, widths=(64, 128, 256, 512)) -> R3D18Levels:
+def create_r3d18_ml(*, width: float = 1.0, widths=None) -> R3D18Levels:
+    widths = scaled_widths(width, widths)
     c0 = widths[0]
     stem = nn.Sequential(
         nn.Conv3d(3, c0, 7, stride=(1, 2, 2), padding=3, bias=False),

@@ -10,7 +10,8 @@ Layout as in the usual VideoResNet: a stem, then four stages of two BasicBlocks 
   (in, out) and used by both of its convs (as torchvision does; this gives 31.3 M parameters).
 Init: kaiming-normal (fan_out) convs, BN weight 1 bias 0.
 
-`widths` sets the four stage widths (default 64, 128, 256, 512); tiny widths are for tests.
+`width` scales the four stage widths (64, 128, 256, 512), as I3D's `width` does (the config's `backbone_width`);
+`widths` sets them outright (tiny widths are for tests).
 """
 
 from __future__ import annotations
@@ -75,7 +76,18 @@ class VideoResNet18(nn.Module):
         return self.layer4(x)  # B x 512 x T/8 x H/16 x W/16
 
 
-def create_r3d18(*, widths=(64, 128, 256, 512)) -> VideoResNet18:
+def scaled_widths(width: float = 1.0, widths=None) -> tuple[int, ...]:
+    """The four stage widths: `widths` as given, else (64, 128, 256, 512) times the multiplier `width` (the
+    train config's `backbone_width`, as I3D's), at least one channel each."""
+    if widths is not None:
+        return tuple(widths)
+    if width <= 0:
+        raise ValueError(f"backbone width must be positive, got {width}")
+    return tuple(max(1, round(c * width)) for c in (64, 128, 256, 512))
+
+
+def create_r3d18(*, width: float = 1.0, widths=None) -> VideoResNet18:
+    widths = scaled_widths(width, widths)
     c0 = widths[0]
     stem = nn.Sequential(
         nn.Conv3d(3, c0, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
@@ -85,7 +97,8 @@ def create_r3d18(*, widths=(64, 128, 256, 512)) -> VideoResNet18:
     return VideoResNet18(stem=stem, conv=_conv3x3x3, widths=widths, stem_out=c0)
 
 
-def create_r2plus1d18(*, widths=(64, 128, 256, 512)) -> VideoResNet18:
+def create_r2plus1d18(*, width: float = 1.0, widths=None) -> VideoResNet18:
+    widths = scaled_widths(width, widths)
     c0 = widths[0]
     c_mid = max(1, round(45 * c0 / 64))  # 45 at the published width
     stem = nn.Sequential(

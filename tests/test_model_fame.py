@@ -114,9 +114,52 @@ def test_merge_and_augment_runs_in_fp32_under_autocast():
     fame = FAME("i3d", K=8, backbone_kwargs={"width": 0.125})
     x = moving_square_clip(B=3, T=4, S=32)
     torch.manual_seed(3)
-    ref = fame.merge_and_augment(x)
+    ref, _ = fame.merge_and_augment(x)
     torch.manual_seed(3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = fame.merge_and_augment(x)
+        out, _ = fame.merge_and_augment(x)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref)
+
+
+def test_shared_background_keys_name_the_key_with_the_querys_background():
+    from model.fame import shared_background_keys
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(6, 3, 2, 8, 8, generator=g)
+    mask = torch.zeros(6, 8, 8, dtype=torch.bool)
+    mask[:, :, :4] = True  # left half foreground, right half background
+    perm = torch.randperm(6, generator=g)
+    merged = fame_merge(x, mask, perm)
+    skips = shared_background_keys(perm)
+    for i in range(6):
+        # q_m[i]'s background is clip skip_mn[i]'s right half
+        assert torch.equal(merged[i, ..., 4:], x[skips["skip_mn"][i], ..., 4:])
+        # the merged clip skip_nm[i] carries clip i's right half
+        assert torch.equal(merged[skips["skip_nm"][i], ..., 4:], x[i, ..., 4:])
+
+
+def test_instance_loss_skips_exactly_the_named_in_batch_negative():
+    """MoCo.instance_loss with batch negatives and skip_mn / skip_nm against the InfoNCE written out by hand."""
+    import torch.nn.functional as F
+    from model import MoCo
+
+    g = torch.Generator().manual_seed(0)
+    B, D, T = 5, 128, 0.2  # D: the projector's embedding size (the empty queue has that width)
+    q_m, q_n, k_m, k_n = (F.normalize(torch.randn(B, D, generator=g), dim=1) for _ in range(4))
+    skip_mn, skip_nm = torch.tensor([1, 0, 3, 2, 4]), torch.tensor([2, 2, 0, 4, 1])
+    moco = MoCo("i3d", K=0, T=T, batch_negatives=True, backbone_kwargs={"width": 0.125}).eval()
+    got = moco.instance_loss(q_m, q_n, k_m, k_n, skip_mn, skip_nm)["loss_inst"]
+
+    def by_hand(q, k, skip):
+        total = 0.0
+        for i in range(B):
+            cols = [i] + [j for j in range(B) if j != i and j != int(skip[i])]
+            logits = torch.stack([q[i] @ k[j] for j in cols]) / T
+            total += -torch.log_softmax(logits, dim=0)[0]
+        return total / B
+
+    want = 0.5 * (by_hand(q_m, k_n, skip_mn) + by_hand(q_n, k_m, skip_nm))
+    torch.testing.assert_close(got, want)
+    without = moco.instance_loss(q_m, q_n, k_m, k_n)["loss_inst"]
+    assert not torch.allclose(without, want)

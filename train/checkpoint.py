@@ -21,17 +21,32 @@ NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
 def rng_state() -> dict:
+    """This process's RNG states. CUDA: only the generator of the device this process drives (under torchrun each
+    rank drives one, cuda:LOCAL_RANK), as a one-element list."""
     np_state = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    cuda = [torch.cuda.get_rng_state(torch.cuda.current_device())] if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda,
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])]}
+
+
+def cuda_rng_to_restore(saved: list, device: int, device_count: int) -> dict[int, torch.Tensor]:
+    """{device index: state} to restore from a checkpoint's CUDA states, on a process that drives ``device`` and
+    sees ``device_count`` GPUs. Only this process's own device is restored, whatever the writer saw: a current
+    checkpoint holds one state per rank (its device's); an older one held every GPU the writer saw (eight on an
+    8-GPU node), of which rank r's device was index r of its list. Restoring them all by index would reach past
+    the GPUs of a smaller machine (IndexError), although resuming with another world size is supported."""
+    if not saved or not 0 <= device < device_count:
+        return {}
+    return {device: saved[device] if len(saved) > 1 and device < len(saved) else saved[0]}
 
 
 def set_rng_state(s: dict) -> None:
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        plan = cuda_rng_to_restore(s["cuda"], torch.cuda.current_device(), torch.cuda.device_count())
+        for device, state in plan.items():
+            torch.cuda.set_rng_state(state, device)
     name, keys, pos, gauss, cached = s["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(gauss), float(cached)))
 

@@ -8,11 +8,27 @@ stored in every checkpoint.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"   # the checkout's presets (editable install)
+CONFIGS_ENV = "MOTIONPRETRAIN_CONFIGS"
+
+
+def config_dirs() -> list[Path]:
+    """Where preset names are looked up, first match wins: $MOTIONPRETRAIN_CONFIGS (the image sets it to
+    /app/configs), the checkout's configs/ beside the packages, and ./configs of the working directory. A
+    non-editable install (the image's `pip install .`) puts the packages in site-packages, where the checkout's
+    configs/ is not, so the first and the last are what find the presets there."""
+    dirs = [Path(os.environ[CONFIGS_ENV])] if os.environ.get(CONFIGS_ENV) else []
+    dirs += [CONFIG_DIR, Path.cwd() / "configs"]
+    out = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
+            out.append(d)
+    return out
 
 # name: (default, help). Types come from the defaults; None means "a string or nothing".
 DEFAULTS: dict[str, tuple[object, str]] = {
@@ -36,8 +52,8 @@ DEFAULTS: dict[str, tuple[object, str]] = {
     # model and objective
     "objective": ("fima", "pretraining objective: fima, moco, fame or multilevel"),
     "backbone": ("i3d", "backbone: i3d, r3d18, r2plus1d18, or r3d18_ml (the multi-level R3D-18 variant)"),
-    "backbone_width": (1.0, "i3d only: channel-width multiplier (1.0 = the published network; 0.25 makes a "
-                            "CPU-sized demo, ~6x faster per step)"),
+    "backbone_width": (1.0, "channel-width multiplier of the backbone (1.0 = the published network; 0.25 makes a "
+                            "CPU-sized I3D, ~6x faster per step; the ResNets scale their four stage widths)"),
     "queue_size": (65536, "instance (and motion) queue length K"),
     "dense_queue_size": (0, "FIMA dense queue length (0 = off)"),
     "momentum_ema": (0.999, "EMA momentum of the key encoder"),
@@ -55,6 +71,8 @@ DEFAULTS: dict[str, tuple[object, str]] = {
                      "emulation (MoCo's single-GPU demo); 0 = auto: min(8, batch_size // 4) on one process, 1 (off) "
                      "with several processes, where shuffle-BN is real"),
     "fame_beta": (0.5, "FAME: foreground fraction"),
+    "fame_skip_shared_background": (False, "FAME with batch_negatives: drop the one in-batch negative that shares "
+                                           "the merged query's background (the reference's queue never holds one)"),
     "fame_hue_wrap_bug": (False, "FAME: reproduce the reference's hue taken as turns though already in radians (x 2 pi "
                                   "again: the angle wraps ~6.3 times and unrelated hues share histogram bins)"),
     "cluster": (1000, "multilevel: number of prototypes K (the reference forgets to pass it)"),
@@ -79,7 +97,8 @@ DEFAULTS: dict[str, tuple[object, str]] = {
     "precision": ("bf16", "bf16 (autocast), fp16 (autocast + grad scaler) or fp32"),
     "channels_last": (True, "keep clips and weights in channels_last_3d"),
     "compile": (False, "torch.compile the backbones"),
-    "sync_bn": (False, "SyncBatchNorm across GPUs (the multi-level reference uses it)"),
+    "sync_bn": (False, "SyncBatchNorm across GPUs: multilevel only (its reference uses it); refused for fima, moco "
+                       "and fame, whose key encoder needs per-process shuffle-BN"),
     "cudnn_benchmark": (True, "cuDNN autotuning (fixed clip shapes)"),
     "seed": (0, "seed of sampling, augmentation and initialisation"),
     "out_dir": ("runs/default", "run folder: config, checkpoints, TensorBoard logs"),
@@ -113,7 +132,19 @@ class ConfigError(ValueError):
 
 
 def presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return sorted({p.stem for d in config_dirs() for p in d.glob("*.yaml")})
+
+
+def preset_path(name: str) -> Path | None:
+    """The YAML file of preset ``name`` (see config_dirs), or None."""
+    return next((d / f"{name}.yaml" for d in config_dirs() if (d / f"{name}.yaml").is_file()), None)
+
+
+SYNC_BN_REFUSED = ("sync_bn=true is refused for {objective}: its key encoder relies on shuffle-BN (each process "
+                   "normalises a shuffled sub-batch, so a query cannot find its key through shared batch "
+                   "statistics); SyncBatchNorm would make those statistics span the global batch and silently "
+                   "cancel the shuffle. sync_bn is for the multi-level objective (no key encoder), as in its "
+                   "reference")
 
 
 def _check(key: str, value, where: str):
@@ -148,11 +179,13 @@ def load_config(preset: str | Path | None = None, overrides: list[str] = ()) -> 
     cfg = {k: v for k, (v, _) in DEFAULTS.items()}
     if preset:
         path = Path(preset)
-        if not path.is_file() and (CONFIG_DIR / f"{preset}.yaml").is_file():
-            path = CONFIG_DIR / f"{preset}.yaml"
+        if not path.is_file() and preset_path(str(preset)):
+            path = preset_path(str(preset))
         if not path.is_file():
-            raise ConfigError(f"config preset {preset!r} not found; presets: {', '.join(presets())} "
-                              f"(in {CONFIG_DIR}), or a path to a YAML file")
+            where = ", ".join(map(str, config_dirs())) or f"none of ${CONFIGS_ENV}, {CONFIG_DIR}, ./configs exists"
+            raise ConfigError(f"config preset {preset!r} not found; presets: {', '.join(presets()) or '(none)'} "
+                              f"(in {where}), or a path to a YAML file; a non-editable install finds the presets "
+                              f"through ${CONFIGS_ENV}=CHECKOUT/configs")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -174,10 +207,7 @@ def load_config(preset: str | Path | None = None, overrides: list[str] = ()) -> 
         raise ConfigError(f"crop={cfg['crop']} / frames={cfg['frames']} are too small (crop >= 16, frames >= 2)")
     if cfg["flip_p"] > 1:
         raise ConfigError(f"flip_p={cfg['flip_p']} is a probability: give a value in [0, 1]")
-    if cfg["backbone_width"] != 1.0 and cfg["backbone"] != "i3d":
-        raise ConfigError(f"backbone_width={cfg['backbone_width']} needs backbone=i3d (the only backbone with a width "
-                          f"multiplier), not {cfg['backbone']!r}")
-    if cfg["backbone_width"] == 0:
+    if cfg["backbone_width"] <= 0:
         raise ConfigError("backbone_width must be positive (1.0 = the published network)")
     if cfg["monitor_every"] < 1 or cfg["monitor_clips"] < 1 or cfg["monitor_k"] < 1:
         raise ConfigError("monitor_every, monitor_clips and monitor_k must be at least 1")
@@ -186,6 +216,8 @@ def load_config(preset: str | Path | None = None, overrides: list[str] = ()) -> 
                           "BatchNorm group); lower bn_groups, or 0 for the automatic choice")
     if cfg["batch_size"] < 1:
         raise ConfigError("batch_size must be at least 1")
+    if cfg["sync_bn"] and cfg["objective"] != "multilevel":
+        raise ConfigError(SYNC_BN_REFUSED.format(objective=cfg["objective"]))
     return cfg
 
 

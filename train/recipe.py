@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pipeline import AugConfig
 
 from . import distributed as D
+from .config import SYNC_BN_REFUSED
 
 
 def bn_groups(cfg: dict, world_size: int) -> int:
@@ -27,19 +28,20 @@ def bn_groups(cfg: dict, world_size: int) -> int:
 
 def objective_kwargs(cfg: dict, world_size: int = 1) -> dict:
     """Config keys -> the objective's constructor arguments (model/ takes plain keywords, not configs)."""
+    width = {"backbone_kwargs": {"width": cfg["backbone_width"]}} if cfg["backbone_width"] != 1.0 else {}
     if cfg["objective"] == "multilevel":
         return dict(backbone=cfg["backbone"], cluster=cfg["cluster"], T=cfg["temperature"], split=cfg["split"],
-                    thres=cfg["graph_threshold"], proto_queue=cfg["proto_queue"], queue_start=cfg["proto_queue_start"])
+                    thres=cfg["graph_threshold"], proto_queue=cfg["proto_queue"], queue_start=cfg["proto_queue_start"],
+                    **width)
     kw = dict(backbone=cfg["backbone"], K=cfg["queue_size"], m=cfg["momentum_ema"], T=cfg["temperature"],
               self_negative_bug=cfg["self_negative_bug"], bn_groups=bn_groups(cfg, world_size),
-              batch_negatives=cfg["batch_negatives"])
-    if cfg["backbone_width"] != 1.0:
-        kw["backbone_kwargs"] = {"width": cfg["backbone_width"]}
+              batch_negatives=cfg["batch_negatives"], **width)
     if cfg["objective"] == "fima":
         kw.update(dense_K=cfg["dense_queue_size"], dense_T=cfg["dense_temperature"], dense_weight=cfg["dense_weight"],
                   pos_ratio=cfg["pos_ratio"], dense_coords=cfg["dense_coords"])
     if cfg["objective"] == "fame":
-        kw.update(beta=cfg["fame_beta"], hue_wrap_bug=cfg["fame_hue_wrap_bug"])
+        kw.update(beta=cfg["fame_beta"], hue_wrap_bug=cfg["fame_hue_wrap_bug"],
+                  skip_shared_background=cfg["fame_skip_shared_background"])
     return kw
 
 
@@ -77,15 +79,32 @@ def peak_lr(cfg: dict, global_batch: int) -> float:
     return cfg["lr"] * global_batch / 64 if cfg["lr_scaling"] == "linear" else cfg["lr"]
 
 
+def cuda_switches(cudnn_benchmark: bool = True) -> None:
+    """The CUDA switches, set in one place for training, the doctor, the benchmarks and evaluation.
+
+    cuDNN autotuning as given (every preset: on; clip shapes are fixed). TF32 for cuDNN convolutions (torch's
+    default; bf16 autocast is the default precision, so TF32 only touches what precision=fp32 runs). TF32 for
+    matmuls stays OFF: the one place fp32 matmuls remain under autocast is the contrastive logits, which
+    model/infonce.py computes in fp32 with autocast off on purpose (q @ queue.T over 65536 keys divided by a
+    temperature of 0.1); TF32's 10-bit mantissa there would undo that. Harmless without CUDA (plain flags)."""
+    torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def device_and_backend(cfg: dict) -> tuple[bool, str]:
-    """(use CUDA?, DALI backend) for a config, with the CUDA switches set: cuDNN autotuning as configured, TF32
-    matmuls and convolutions on (bf16 autocast is the default precision; TF32 covers what stays in fp32)."""
+    """(use CUDA?, DALI backend) for a config, with the CUDA switches (``cuda_switches``) set when CUDA is used."""
     use_cuda = torch.cuda.is_available() and cfg["backend"] != "cpu"
     backend = cfg["backend"] if cfg["backend"] != "auto" else ("gpu" if use_cuda else "cpu")
     if use_cuda:
-        torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"]
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        cuda_switches(cfg["cudnn_benchmark"])
     return use_cuda, backend
+
+
+def has_key_encoder(model: torch.nn.Module) -> bool:
+    """True for the MoCo family (MoCo, FAME, FIMA): an EMA key encoder whose BatchNorm must see per-process,
+    shuffled batches (shuffle-BN)."""
+    return isinstance(getattr(model, "encoder_k", None), torch.nn.Module)
 
 
 def wrap(model: torch.nn.Module, cfg: dict, d: D.Dist, use_cuda: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -96,6 +115,8 @@ def wrap(model: torch.nn.Module, cfg: dict, d: D.Dist, use_cuda: bool) -> tuple[
     if cfg["compile"]:
         for module in model.compile_targets():
             module.compile()
+    if cfg["sync_bn"] and has_key_encoder(model):     # load_config refuses it already; a built cfg may not
+        raise ValueError(SYNC_BN_REFUSED.format(objective=cfg["objective"]))
     if d.enabled and use_cuda and cfg["sync_bn"]:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw = model

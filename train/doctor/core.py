@@ -397,6 +397,7 @@ class DoctorBase:
         gpu = backend == "gpu"
         # what the configured objective requires (the model is the contract), as the trainer asks for it
         want = outputs or tuple(self._template().required_inputs)
+        outside0 = self._gpu_bytes_outside_torch() if gpu else 0
         loader = pretrain_loader(c["data"], want, batch_size=bs, config=self._aug(), seed=c["seed"],
                                  backend=backend, device_id=self.local_rank if gpu else None,
                                  num_threads=c["num_threads"], prefetch=1)
@@ -413,6 +414,8 @@ class DoctorBase:
                 times.append(t1 - t0)
                 t0 = t1
             short = loader.stats["short"]
+            # what DALI holds on the GPU while it feeds a run (its pool, NVDEC surfaces): train.batch's budget
+            dali_bytes = max(0, self._gpu_bytes_outside_torch() - outside0) if gpu else 0
         finally:
             loader.close()
         batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
@@ -422,9 +425,16 @@ class DoctorBase:
         else:
             vps = videos / times[0]
         value = {"batch": batch, "videos": videos, "batch_size": bs, "first_s": times[0], "vps": vps,
-                 "steady": len(times) > 1, "short": int(short)}
+                 "steady": len(times) > 1, "short": int(short), "gpu_bytes_outside_torch": dali_bytes}
         self._cache[key] = value
         return value
+
+    def _gpu_bytes_outside_torch(self) -> int:
+        """Bytes in use on this process's GPU that torch's caching allocator does not hold (CUDA context, DALI)."""
+        torch = self.torch
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(total - free - torch.cuda.memory_reserved(self.device))
 
     # ------------------------------------------------------------------ env
 
@@ -433,7 +443,7 @@ class DoctorBase:
         run = self._cache.get("train_main")
         if not (run and run.get("ok")):
             return
-        need, basis = self._consumption()
+        need, basis = self._decode_need(self.run_backend)
         r = self.results.get(f"decode.{self.run_backend}")
         if r and r.status == PASS and "videos_per_s" in r.measured:
             r.measured["need_videos_per_s"] = need

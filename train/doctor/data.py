@@ -120,16 +120,25 @@ class DataChecks:
                           "disk (docker/slurm/train.sbatch: STAGE_FROM/STAGE_TO), or use a faster filesystem", m)
         return Result("", PASS, fig, measured=m)
 
-    def _consumption(self) -> tuple[float, str]:
-        """Videos/s this node's training would consume, and how that was worked out."""
+    def _decode_need(self, backend: str) -> tuple[float, str]:
+        """Videos/s one decoding pipeline of ``backend`` must deliver. GPU: every rank decodes on its own GPU's
+        NVDEC, so decode.gpu (one GPU's rate) is compared with one rank's consumption. CPU: the ranks' pipelines
+        share the node's cores, so decode.cpu is compared with the whole node's (as data.read)."""
+        return self._consumption(per_rank=backend == "gpu")
+
+    def _consumption(self, per_rank: bool = False) -> tuple[float, str]:
+        """Videos/s this node's training (or, ``per_rank``, one rank's) would consume, and how that was worked out."""
         procs = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or (self.torch.cuda.device_count() if self.use_cuda else 1)
+        where = f"x {procs} process(es) on this node"
+        if per_rank:
+            procs, where = 1, "for one rank (each rank decodes on its own GPU)"
         run = self._cache.get("train_main")
         if run and run.get("ok"):
             per = run["batch"] / run["time_s"]
-            return per * procs, f"{per:.2f} videos/s measured by train.step x {procs} process(es) on this node"
+            return per * procs, f"{per:.2f} videos/s measured by train.step {where}"
         if self.use_cuda:
             return ASSUMED_GPU_VIDEOS_PER_S * procs, (f"assumed {ASSUMED_GPU_VIDEOS_PER_S:.0f} videos/s per GPU "
-                                                      f"x {procs} (no train.step measured)")
+                                                      f"{where} (no train.step measured)")
         return 1.0, "assumed 1 video/s on a CPU (no train.step measured)"
 
     # ------------------------------------------------------------------ decode

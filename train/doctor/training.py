@@ -3,11 +3,37 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import sys
 import time
 import traceback
 
 from .core import PASS, WARN, LOSS_RTOL, GiB, Skip, Fail, Result, _gib, _mib, _mem_available
+
+
+# What a failed allocation looks like besides torch.cuda.OutOfMemoryError (the caching allocator's): cuDNN and
+# cuBLAS allocate their workspaces and handles themselves and report a plain RuntimeError ("cuDNN error:
+# CUDNN_STATUS_ALLOC_FAILED", cuDNN 9's "..._INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED", "CUBLAS_STATUS_ALLOC_FAILED
+# when calling `cublasCreate(handle)`"), and a kernel launch that cannot get memory gives "CUDA error: out of memory".
+_OOM_MARKERS = re.compile(r"out of memory|ALLOC_FAILED|ALLOCATION_FAILED", re.IGNORECASE)
+
+
+def is_oom(e: BaseException) -> bool:
+    """Did this exception come from running out of GPU memory (so a smaller batch may fit)?"""
+    import torch
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and bool(_OOM_MARKERS.search(str(e))))
+
+
+def gpu_memory_limit(total: int, limit_gib: float | None, dali_bytes: int, name: str = "GPU") -> tuple[int, str]:
+    """(bytes the training step may use, how that was worked out): the GPU's memory (or a smaller
+    --memory-limit-gib) less what DALI holds on the same GPU while it feeds the run (its memory pool, NVDEC
+    surfaces: measured by decode.gpu), which the training step's own peak does not include."""
+    limit = min(total, limit_gib * GiB) if limit_gib else total
+    source = f"--memory-limit-gib {limit_gib:g}" if limit_gib and limit_gib * GiB < total else f"{name} memory"
+    if dali_bytes > 0:
+        limit = max(0, limit - dali_bytes)
+        source += f" less {_gib(dali_bytes)} held by DALI's GPU pipeline"
+    return int(limit), source
 
 
 class TrainChecks:
@@ -147,7 +173,7 @@ class TrainChecks:
                 res["peak_source"] = "estimate: weights + grads + optimiser state + inputs + saved activations"
             res["ok"] = True
         except Exception as e:
-            if gpu and isinstance(e, torch.cuda.OutOfMemoryError):
+            if gpu and is_oom(e):
                 res["oom"] = True
                 res["error"] = f"out of memory at batch {size}"
             else:
@@ -159,6 +185,12 @@ class TrainChecks:
                 torch.cuda.empty_cache()
         self._cache[key] = res
         return res
+
+    def _dali_gpu_bytes(self) -> int:
+        """GPU memory outside torch's allocator while DALI's GPU pipeline ran (measured by decode.gpu, see
+        DoctorBase._decode), less what was outside it before (the CUDA context): DALI's pool and NVDEC surfaces."""
+        r = self._cache.get(("decode", "gpu", None))
+        return int(r.get("gpu_bytes_outside_torch", 0)) if r else 0
 
     def _plan(self):
         """Batch sizes and layouts of the training-step checks on this device."""
@@ -180,9 +212,8 @@ class TrainChecks:
         gpu, B, prec, cl, sizes = self._plan()
         size = sizes[0]
         if gpu:      # the trainer's settings
-            torch = self.torch
-            torch.backends.cudnn.benchmark = self.cfg["cudnn_benchmark"]
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            from ..recipe import cuda_switches
+            cuda_switches(self.cfg["cudnn_benchmark"])
             warm = self._step(size, prec, cl)           # cuDNN autotuning, allocator warm-up
             while warm.get("oom") and size > 1:
                 self._cache["train_oom_at"] = B
@@ -283,11 +314,12 @@ class TrainChecks:
         torch = self.torch
         gpu, B, prec, cl, sizes = self._plan()
         main = self._main_step()
+        dali_bytes = 0
         if gpu:
             total = torch.cuda.get_device_properties(self.device).total_memory
-            limit = min(total, self.limit_gib * GiB) if self.limit_gib else total
-            source = (f"--memory-limit-gib {self.limit_gib:g}" if self.limit_gib and self.limit_gib * GiB < total
-                      else f"{torch.cuda.get_device_name(self.device)} memory")
+            dali_bytes = self._dali_gpu_bytes()
+            limit, source = gpu_memory_limit(total, self.limit_gib, dali_bytes,
+                                              torch.cuda.get_device_name(self.device))
         else:
             if self.limit_gib:
                 limit, source = self.limit_gib * GiB, f"--memory-limit-gib {self.limit_gib:g}, simulated"
@@ -312,7 +344,7 @@ class TrainChecks:
         budget = limit * (0.95 if gpu else 1.0)       # GPU: leave room for the allocator's fragmentation
         predicted = fixed + per * B
         largest = int((budget - fixed) // per)
-        m = {"limit_bytes": limit, "limit_source": source, "per_sample_bytes": per, "fixed_bytes": fixed,
+        m = {"limit_bytes": limit, "limit_source": source, "dali_gpu_bytes": dali_bytes, "per_sample_bytes": per, "fixed_bytes": fixed,
              "predicted_bytes_at_batch_size": predicted, "batch_size": B, "largest_batch_estimate": largest,
              "fit_points": {str(b): p["peak_bytes"] for b, p in points.items()}, "precision": prec,
              "peak_source": r1["peak_source"]}
