@@ -143,6 +143,19 @@ def test_knn_end_to_end_matches_an_independent_computation(synthetic_shards, ckp
                 votes[gl[j]] += np.exp(sim[j] / 0.1)
             hits.append(votes.argmax() == ql[i])
         assert expected == pytest.approx(np.mean(hits)), k
+    # the motion-reliance probe: the same vote for the test clips with every frame the clip's middle one
+    static = torch.load(r["features"]["test_static"]["path"], weights_only=True)["rows"]
+    assert not torch.allclose(static["out"], rows["test"]["out"])   # the frozen clips really lost their motion
+    qs, qsl = per_video(static)
+    hits = []
+    for i in range(len(qs)):
+        sim = g @ qs[i]
+        votes = np.zeros(6)
+        for j in np.argsort(-sim, kind="stable")[:5]:
+            votes[gl[j]] += np.exp(sim[j] / 0.1)
+        hits.append(votes.argmax() == qsl[i])
+    assert r["top1_static"] == pytest.approx(np.mean(hits))
+    assert r["motion_drop"] == pytest.approx(r["top1"] - r["top1_static"])
     assert "top-1 (%)" in capsys.readouterr().out and (out / "tb").is_dir()
     with pytest.raises(SystemExit):
         main(["knn", "--random-init", "--data", str(synthetic_shards), "--epochs", "3"])   # not a knn flag
@@ -316,8 +329,10 @@ def test_backbone_width_comes_from_the_checkpoint_and_random_init_takes_a_flag(t
     random, rinfo = load_backbone(None, "i3d", random_init=True, width=0.25)
     assert random.feature_dim == 256 and rinfo["backbone_width"] == 0.25
     assert load_backbone(None, "i3d", random_init=True)[0].feature_dim == 1024
-    with pytest.raises(EvalError, match="only one with a width"):
-        load_backbone(None, "r3d18", random_init=True, width=0.5)
+    r3d, _ = load_backbone(None, "r3d18", random_init=True, width=0.5)   # every backbone scales its widths
+    assert r3d.feature_dim == 256
+    with pytest.raises(EvalError, match="must be positive"):
+        load_backbone(None, "r3d18", random_init=True, width=0.0)
 
 
 def test_frozen_guard_catches_a_backbone_that_changes():

@@ -132,3 +132,20 @@ def test_knn_scores_on_a_hand_made_gallery():
     assert knn_scores(query, gallery, labels, 3, k=5, T=0.01).argmax(1).tolist() == [0]
     with pytest.raises(ValueError, match="labels"):
         knn_scores(query, gallery, labels[:3], 3)
+
+
+def test_static_feature_is_the_middle_frame_repeated():
+    """evaluate.features.pooled "pooled-static" against the clip built by hand: frame T//2 at every time step."""
+    from evaluate.features import pooled
+    from model import build_backbone
+
+    torch.manual_seed(0)
+    net = build_backbone("i3d", width=0.125).eval()
+    video = torch.rand(2, 3, 8, 32, 32)
+    by_hand = torch.stack([video[:, :, 4]] * 8, dim=2)   # B x 3 x T x S x S
+    with torch.no_grad():
+        got = pooled(net, "pooled-static")(video)
+        want = net(by_hand).mean(dim=(2, 3, 4))
+        moving = pooled(net, "pooled")(video)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, moving)
