@@ -169,14 +169,31 @@ def test_bf16_autocast_matches_fp32():
     assert abs(out["loss"].item() - ref["loss"].item()) <= 0.1 * ref["loss"].item()
     for term, tol in (("loss_inst", 0.1), ("loss_dense", 0.3), ("loss_local", 0.1)):
         assert abs(out[term].item() - ref[term].item()) <= tol, term
-    # PyTorch 2.13's CPU bf16 conv3d weight-gradient kernel sporadically returns a few NaN entries
-    # (reproducible with a lone F.conv3d on tiny maps, in either memory format); every other gradient
-    # must be finite, and conv weights nearly all.
-    conv_w = {id(m.weight) for m in bf16.modules() if isinstance(m, torch.nn.Conv3d)}
-    grads = [(id(p) in conv_w, p.grad) for p in bf16.parameters() if p.grad is not None]
-    assert all(torch.isfinite(g).all() for is_conv, g in grads if not is_conv)
-    conv_finite = torch.cat([torch.isfinite(g).flatten() for is_conv, g in grads if is_conv]).float().mean()
-    assert conv_finite > 0.99
+    # Every gradient entry finite: one NaN poisons the weights at the next update. (If the CPU bf16 conv3d
+    # weight-gradient kernel ever returns NaN here, test_bf16_conv3d_weight_gradient_is_finite fails too and
+    # names the kernel; the trainer skips such an update, tests/test_train.py.)
+    bad = [n for n, p in bf16.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, bad
+    assert sum(p.grad is not None for p in bf16.parameters()) == sum(p.grad is not None for p in fp32.parameters())
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_bf16_conv3d_weight_gradient_is_finite(memory_format):
+    """The kernel alone: CPU bf16 conv3d on tiny maps (the shapes of a width-0.125 I3D), weight and input
+    gradients finite and close to fp32's, over seeds."""
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 8, 4, 6, 6, generator=g).contiguous(memory_format=memory_format).requires_grad_()
+        w = torch.randn(16, 8, 3, 3, 3, generator=g).contiguous(memory_format=memory_format).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = torch.nn.functional.conv3d(x, w, padding=1)
+        y.float().square().mean().backward()
+        got = (w.grad.clone(), x.grad.clone())
+        w.grad = x.grad = None
+        torch.nn.functional.conv3d(x, w, padding=1).square().mean().backward()
+        for a, b in zip(got, (w.grad, x.grad)):
+            assert torch.isfinite(a).all(), seed
+            assert (a - b).abs().max() <= 0.05 * b.abs().max(), seed
 
 
 def test_fima_forward_wiring_matches_the_design_text():

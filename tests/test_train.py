@@ -288,6 +288,77 @@ def test_lr_schedules():
     assert lr_at(49, 100, 0, 2.0, decay_step=50) == 2.0 and abs(lr_at(50, 100, 0, 2.0, decay_step=50) - 0.2) < 1e-12
 
 
+class _NanGradient(torch.autograd.Function):
+    """Identity forward; backward puts NaN in one entry (what a faulty low-precision kernel did), the loss stays finite."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g.view(-1)[0] = float("nan")
+        return g
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self, nan_grad: bool, nan_loss: bool = False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.nan_grad, self.nan_loss = nan_grad, nan_loss
+
+    def after_backward(self):
+        pass
+
+    def forward(self, batch):
+        w = _NanGradient.apply(self.w) if self.nan_grad else self.w
+        loss = (w * batch["x"]).sum()
+        return {"loss": loss * float("nan") if self.nan_loss else loss}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_train_step_never_applies_a_non_finite_gradient(precision):
+    """A finite loss with one NaN gradient entry: no update (the weights and the optimiser state stay as they were);
+    a finite gradient updates; a non-finite loss skips as before. fp16: the grad scaler also lowers its scale."""
+    from train.distributed import Dist
+    from train.recipe import train_step
+    batch, amp = {"x": torch.tensor([1.0, 2.0, 3.0])}, torch.autocast("cpu", enabled=False)
+    for nan_grad, nan_loss, want in ((True, False, False), (False, True, False), (False, False, True)):
+        model = _Toy(nan_grad, nan_loss)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=precision == "fp16")
+        out, updated = train_step(model, batch, opt, scaler, amp, Dist())
+        assert updated is want, (nan_grad, nan_loss)
+        assert torch.isfinite(model.w).all()
+        if want:
+            assert torch.allclose(model.w.detach(), torch.tensor([0.9, 0.8, 0.7]))
+        else:
+            assert torch.equal(model.w.detach(), torch.ones(3)) and not opt.state
+            if precision == "fp16" and nan_grad:
+                assert scaler.get_scale() < 1024.0
+
+
+@pytest.mark.unit
+def test_rank_checksum_sees_every_bit_and_the_order():
+    """The per-rank weights digest that says whether DDP kept the ranks equal: equal for equal weights, different
+    for two values swapped (which a sum would miss) and for one value one ulp off."""
+    from train.checkpoint import weights_checksum
+    torch.manual_seed(0)
+    a = torch.nn.Linear(3, 2)
+    b = torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    assert weights_checksum(a) == weights_checksum(b)
+    with torch.no_grad():
+        b.weight[0, 0], b.weight[1, 2] = a.weight[1, 2].item(), a.weight[0, 0].item()
+    assert float(b.weight.double().sum()) == float(a.weight.double().sum())
+    assert weights_checksum(a) != weights_checksum(b)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        b.bias[1] = torch.nextafter(a.bias[1], torch.tensor(1.0))
+    assert weights_checksum(a) != weights_checksum(b)
+
+
 def test_multilevel_objective_trains_and_resumes_through_the_trainer(data, tmp_path):
     """The fourth objective through the same trainer: Adam, step schedule, graph constraint on (split=0)."""
     common = [*TINY, f"data={data}", "objective=multilevel", "backbone=r3d18_ml", "crop=32", "batch_size=2",

@@ -7,6 +7,7 @@ killed run never leaves a checkpoint that looks whole.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -91,11 +92,15 @@ def restore(state: dict, parts: dict, rank: int) -> None:
     set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
 
 
-def weights_checksum(model: torch.nn.Module) -> float:
-    """A float64 sum over every parameter (key encoders included): equal on every rank while DDP keeps them in
-    sync. Buffers are left out: BatchNorm statistics are per rank by design (shuffle-BN), queues are equal."""
+def weights_checksum(model: torch.nn.Module) -> str:
+    """A SHA-256 of every parameter's bytes, in order (key encoders included): equal on every rank while DDP keeps
+    them in sync, different for any bit that differs or any two values swapped. Buffers are left out: BatchNorm
+    statistics are per rank by design (shuffle-BN), queues are equal."""
+    h = hashlib.sha256()
     with torch.no_grad():
-        return float(sum(p.double().sum().item() for p in model.parameters()))
+        for p in model.parameters():
+            h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class CheckpointError(RuntimeError):

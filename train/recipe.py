@@ -128,7 +128,9 @@ def wrap(model: torch.nn.Module, cfg: dict, d: D.Dist, use_cuda: bool) -> tuple[
 def train_step(model: torch.nn.Module, batch: dict, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                amp, d: D.Dist) -> tuple[dict, bool]:
     """One step: forward under ``amp``, and unless the loss is non-finite on some rank (all ranks agree), backward,
-    the objective's after-backward hook, and the update. Returns (the objective's outputs, updated?)."""
+    the objective's after-backward hook, and the update, which is skipped too when a gradient entry is non-finite
+    on some rank (a finite loss can still give one, e.g. from a low-precision kernel; a single NaN would poison the
+    weights for good). Returns (the objective's outputs, updated?)."""
     with amp:
         out = model(batch)
     loss = out["loss"]
@@ -137,6 +139,13 @@ def train_step(model: torch.nn.Module, batch: dict, opt: torch.optim.Optimizer, 
     if finite:
         scaler.scale(loss).backward()
         getattr(model, "module", model).after_backward()
-        scaler.step(opt)
-        scaler.update()
+        scaler.unscale_(opt)      # fp16: true gradients (the scaler's own inf check is recorded); else a no-op
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        bad = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)))
+        finite = not D.any_rank(bad, d)
+        if finite:
+            scaler.step(opt)
+        else:
+            opt.zero_grad(set_to_none=True)
+        scaler.update()           # fp16: a non-finite gradient lowers the scale
     return out, finite

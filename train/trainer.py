@@ -171,7 +171,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
                     bad_in_a_row = 0
                 else:   # the update was skipped on every rank (they agreed); keep going unless it persists
                     bad_in_a_row += 1
-                    metrics.print(f"step {step}: non-finite loss ({float(loss):.3g}), update skipped "
+                    metrics.print(f"step {step}: non-finite loss or gradient (loss {float(loss):.3g}), update skipped "
                                   f"({bad_in_a_row} in a row)")
                 step += 1
                 if use_cuda:
@@ -186,8 +186,8 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
                 metrics.step(postfix={"loss": float(loss.detach()), "lr": lr})
                 if bad_in_a_row >= cfg["max_bad_steps"]:
                     save()
-                    raise TrainingError(f"{bad_in_a_row} non-finite losses in a row at step {step}: lower lr, use "
-                                        "precision=fp32 to check, or inspect the data; a checkpoint was saved")
+                    raise TrainingError(f"{bad_in_a_row} non-finite losses or gradients in a row at step {step}: lower "
+                                        "lr, use precision=fp32 to check, or inspect the data; a checkpoint was saved")
                 if step % cfg["log_every"] == 0 or step == stop_step:
                     n = window["n"]
                     scalars = D.mean_over_ranks({f"loss/{k}" if k.startswith("loss") else f"metric/{k}": s / n
