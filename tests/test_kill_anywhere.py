@@ -44,6 +44,37 @@ def kill_after(cmd: list[str], delay: float) -> bool:
         return True
 
 
+def kill_when(cmd: list[str], ready, delay: float, timeout: float = 900) -> bool:
+    """Run cmd in its own process group; once ready() holds, wait delay seconds and SIGKILL the group. True if it
+    was still running then."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        proc.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+def steps_logged(run: Path) -> int:
+    """Training steps in a run's metrics.jsonl so far (a line being written is not counted)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    return sum(1 for x in lines if x.endswith("\n") and '"loss/loss"' in x)
+
+
+def latest_step(run: Path) -> int:
+    """The step of the newest complete checkpoint (0 if none)."""
+    names = sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.pt")) if (run / "checkpoints").is_dir() else []
+    return int(names[-1][5:13]) if names else 0
+
+
 def timed(cmd: list[str]) -> float:
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -63,22 +94,40 @@ def same_tree(a: Path, b: Path) -> list[str]:
 
 
 def test_preprocess_killed_anywhere_reruns_to_byte_identical_shards(sample_videos, tmp_path):
+    """Every kill counted here landed before the run ended (the process was still running and the top-level
+    manifest, written last, was not there yet), and each kill point has at least one: the first kill on a fresh
+    folder (again on another, earlier, if the run outpaced the reference). A rerun does less work, so a later kill
+    may come after it finished: that one is not counted, and the point goes on to its clean finish."""
     cmd = [sys.executable, "-m", "preprocess", str(sample_videos), "--name", "k", "--max-per-shard", "8",
            "--no-progress", "--workers", "2"]
     full = timed([*cmd[:4], str(tmp_path / "ref"), *cmd[4:]])
     rng = random.Random(SEED)
-    survived = 0
+    survived, landed_total = 0, 0
     for point in range(POINTS):
-        out = tmp_path / f"cut{point}"
-        kills = 0
-        for _ in range(3):            # up to three kills in a row on the same folder, then a clean finish
-            kills += kill_after([*cmd[:4], str(out), *cmd[4:]], rng.uniform(0.05, 0.95) * full)
+        landed = []
+        for retry in range(4):        # a run faster than the reference may finish first: a fresh folder, earlier
+            out = tmp_path / f"cut{point}-{retry}"
+            for attempt in range(3):  # up to three kills in a row on the same folder, then a clean finish
+                frac = (rng.uniform(0.05, 0.7) / 2 ** retry if attempt == 0 else
+                        rng.uniform(0.05, 0.95) / (attempt + 1))   # a rerun does less work: earlier still
+                killed = kill_after([*cmd[:4], str(out), *cmd[4:]], frac * full)
+                done = (out / "manifest.json").exists()
+                if not killed:
+                    assert done, (point, attempt)     # it finished by itself
+                    break
+                if done:                              # killed after its last write: not a mid-run kill
+                    break
+                landed.append(round(frac, 3))
+            if landed:
+                break
+        assert landed, (point, "no kill landed before the run ended")
         r = subprocess.run([*cmd[:4], str(out), *cmd[4:]], cwd=REPO, capture_output=True, text=True)
         assert r.returncode == 0, (point, r.stderr[-2000:])
         diff = same_tree(tmp_path / "ref", out)
-        assert not diff, (point, kills, diff)
+        assert not diff, (point, landed, diff)
         survived += 1
-    print(f"\npreprocess: {survived}/{POINTS} kill points survived (seed {SEED})")
+        landed_total += len(landed)
+    print(f"\npreprocess: {survived}/{POINTS} kill points survived, {landed_total} kills mid-run (seed {SEED})")
 
 
 def state(run: Path) -> dict:
@@ -104,7 +153,13 @@ def test_training_killed_anywhere_resumes_bit_identically(damaged_shards, tmp_pa
     for point in range(POINTS):
         out = tmp_path / f"cut{point}"
         for _ in range(2):
-            kill_after([*cmd, f"out_dir={out}"], rng.uniform(0.3, 0.95) * full)
+            # kill at a seeded point of the run's own progress, not of the clock (a rerun does less work): once it
+            # has logged `after` steps, plus up to one step's time (inside a step, or inside its checkpoint write)
+            after = rng.randint(0, 3)
+            killed = kill_when([*cmd, f"out_dir={out}"], lambda: steps_logged(out) >= after,
+                               rng.uniform(0.0, 1.0) * full / 20)
+            cut = latest_step(out)
+            assert killed and cut < 6, (point, after, cut)   # the kill landed before the run's end
         r = subprocess.run([*cmd, f"out_dir={out}"], cwd=REPO, capture_output=True, text=True)
         assert r.returncode == 0, (point, r.stderr[-2000:])
         got = state(out)
