@@ -70,14 +70,21 @@ def test_all_cpu_checks_pass_gpu_checks_skip_and_the_json_holds_measurements(ful
     assert rc == 0, out[-4000:] + err[-4000:]
     assert report == json.loads(path.read_text())
     assert report["ok"] and report["exit_code"] == 0 and list(checks(report)) == list(CHECKS)
+    m = {k: c["measured"] for k, c in checks(report).items()}
+    # Speeds and free disk are this machine's, busy or not: those checks may WARN, but exactly when the rule says
+    # (measured below what training needs; less than twice the disk a run needs). Everything else must PASS.
+    machine = {"data.read": m["data.read"]["videos_per_s"] < m["data.read"]["need_videos_per_s"],
+               "decode.cpu": m["decode.cpu"]["videos_per_s"] < m["decode.cpu"].get("need_videos_per_s", 0.0),
+               "env.disk": m["env.disk"]["free_bytes"] < 2 * m["env.disk"]["need_bytes"]}
     for name, c in checks(report).items():
         if name in GPU_CHECKS:
             assert c["status"] == "SKIP" and c["fix"].startswith("no CUDA device"), (name, c)
         elif name == "dist.allreduce":
             assert c["status"] == "SKIP" and "torchrun" in c["fix"]
+        elif name in machine:
+            assert c["status"] == ("WARN" if machine[name] else "PASS"), (name, c)
         else:
             assert c["status"] == "PASS", (name, c)
-    m = {k: c["measured"] for k, c in checks(report).items()}
     assert m["env.torch"]["version"] == torch.__version__
     assert m["env.dali"]["cuda_major"] == 13 and m["env.ffmpeg"]["encoder_libvpx-vp9"]
     assert m["env.disk"]["free_bytes"] > m["env.disk"]["checkpoint_bytes_estimate"] > 10 * 2 ** 20
@@ -92,9 +99,12 @@ def test_all_cpu_checks_pass_gpu_checks_skip_and_the_json_holds_measurements(ful
     step = m["train.step"]
     assert step["inputs"] == "decoded samples" and step["batch"] == 2 and step["time_s"] > 0
     assert step["peak_bytes"] > 0 and {"loss_inst", "loss_dense", "loss_local"} <= set(step["terms"])
-    b = m["train.bf16"]
-    assert b["compared"] and all(b["abs_diff"][k] <= b["tolerance"][k] for k in b["compared"])
+    b = m["train.bf16"]      # recomputed from the two runs' loss terms, at the documented 5 % of max(1, |fp32|)
     assert "loss_inst" in b["compared"] and b["bf16_loss"] > 0 and b["fp32_loss"] > 0
+    assert b["fp32_terms"]["loss"] == b["fp32_loss"] and b["bf16_terms"]["loss"] == b["bf16_loss"]
+    for k in b["compared"]:
+        f32, b16 = b["fp32_terms"][k], b["bf16_terms"][k]
+        assert b["abs_diff"][k] == pytest.approx(abs(b16 - f32)) and abs(b16 - f32) <= 0.05 * max(1.0, abs(f32)), k
     batch = m["train.batch"]
     assert batch["per_sample_bytes"] > 0 and batch["largest_batch_estimate"] >= 4
     assert batch["limit_source"] == "available RAM"
@@ -102,7 +112,8 @@ def test_all_cpu_checks_pass_gpu_checks_skip_and_the_json_holds_measurements(ful
     lines = out.strip().splitlines()
     for name, c in checks(report).items():
         assert any(line.startswith(name) and c["status"] in line for line in lines), name
-    assert lines[-1].startswith("{") and "15 pass, 0 warn, 0 fail, 5 skipped" in out
+    warned = sum(machine.values())
+    assert lines[-1].startswith("{") and f"{15 - warned} pass, {warned} warn, 0 fail, 5 skipped" in out
 
 
 def test_broken_index_offset(data, tmp_path):
