@@ -56,6 +56,7 @@ def test_maps_are_the_head_at_every_position_of_the_real_feature_map():
     assert torch.allclose(maps["reversed"], up, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_head_learns_order_and_accuracy_counts_forward_and_reversed_clips():
     g = torch.Generator().manual_seed(0)
     n, c = 40, 16
@@ -93,12 +94,27 @@ def test_temporal_end_to_end_map_differs_between_moving_object_and_static_backgr
     r = results(out)
     res = r["result"]
     assert (res["train_clips"], res["test_clips"]) == (6, 6)           # 2 videos x 3 clips per split
-    assert 0.0 <= res["temporal_order_accuracy"] <= 1.0
-    assert res["test"]["clip_accuracy"] == res["temporal_order_accuracy"]
-    assert r["scalars"]["temporal_order_accuracy"] == res["temporal_order_accuracy"]
     assert (out / "temporal_head.pt").is_file() and list((out / "tb").iterdir())
     head = torch.load(out / "temporal_head.pt", weights_only=True)
     assert head["weight"].shape == (2, 512) and head["backbone"] == "r3d18"
+    # every figure recomputed with numpy from the saved head and the cached features of each split: per clip
+    # (forward clips must say 0, reversed ones 1), and per video (logits averaged over a video's clips)
+    W = head["weight"].double().numpy()
+    for split in ("test", "train"):
+        rows = torch.load(res["features"][split]["path"], weights_only=True)["rows"]
+        feats, index = rows["out"].double().numpy(), rows["index"].numpy()
+        fwd, rev = feats[:, :512], feats[:, 512:]
+        assert fwd.shape == (6, 512) and not np.allclose(fwd, rev)        # the reversed clip's own features
+        pf, pr = (fwd @ W.T).argmax(1) == 0, (rev @ W.T).argmax(1) == 1
+        videos = [np.flatnonzero(index == v) for v in np.unique(index)]
+        assert len(videos) == 2
+        per_video = [(fwd[i] @ W.T).mean(0).argmax() == 0 for i in videos] + \
+                    [(rev[i] @ W.T).mean(0).argmax() == 1 for i in videos]
+        want = {"clip_accuracy": np.concatenate([pf, pr]).mean(), "forward_accuracy": pf.mean(),
+                "reversed_accuracy": pr.mean(), "video_accuracy": np.mean(per_video)}
+        assert res[split] == pytest.approx(want, abs=1e-9), split
+    assert res["temporal_order_accuracy"] == pytest.approx(res["test"]["clip_accuracy"])
+    assert r["scalars"]["temporal_order_accuracy"] == res["temporal_order_accuracy"]
 
     video = res["videos"][0]
     img = np.asarray(Image.open(video["png"]).convert("RGB")).astype(float)
@@ -142,6 +158,7 @@ def test_temporal_reads_a_multilevel_checkpoint(synthetic_shards, tmp_path):
     assert all(Path(v["png"]).is_file() for v in r["result"]["videos"])
 
 
+@pytest.mark.unit
 def test_temporal_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["temporal", "--help"])
