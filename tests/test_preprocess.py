@@ -224,9 +224,12 @@ def test_rotated_and_portrait_videos_come_out_upright_with_short_side_256(tmp_pa
     samples = {json.loads(s["json"])["source"]: s for s in all_samples(out / "train").values()}
     rot = decoded_frames(samples["cls/rotated.mp4"]["mp4"])[0]
     assert rot.shape[:2] == (336, 256)          # displayed portrait: width 240 -> 256, height 320 -> 341.3 -> 336 (x16)
-    # rotation 90 (counter-clockwise display matrix) moves the top band to the left or right edge, never the top
+    # rotation 90 is counter-clockwise (ffmpeg's -display_rotation): the top band is on the left edge, as
+    # np.rot90 (counter-clockwise) puts it; rotating the other way would put it on the right
     red = (rot[..., 0] > 180) & (rot[..., 1] < 80)
-    assert red[:, :20].mean() > 0.8 or red[:, -20:].mean() > 0.8
+    want = np.rot90(frames[0], k=1)
+    assert (want[:, :40] == [255, 0, 0]).all() and not (want[:, -40:] == [255, 0, 0]).all(axis=-1).any()
+    assert red[:, :20].mean() > 0.8 and red[:, -40:].mean() < 0.05
     assert red[:20, 60:200].mean() < 0.2
     for name in ("cls/portrait_odd.mp4", "cls/odd.mp4"):
         h, w = decoded_frames(samples[name]["mp4"])[0].shape[:2]
