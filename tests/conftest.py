@@ -3,6 +3,7 @@
 * `sample_videos`: the project's synthetic motion videos (OUT/{train,test}/<class>/*.mp4), small.
 * `synthetic_shards`: those videos sharded by `python -m preprocess` (OUT/train, OUT/test).
 * `ucf_shards`: ../shared/data/ucf101-mini sharded with its official split-1 files (skipped when absent).
+* `coded_shards`: small shards of videos whose frames carry their own index in their colour (`frame_codes`).
 * `damaged_shards`: a copy of `synthetic_shards` with three kinds of damage in train/ (`damage`), and the keys hit.
 """
 from __future__ import annotations
@@ -11,12 +12,13 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from preprocess import shard_format as fmt
 from preprocess.cli import main as preprocess_main
-from preprocess.sample_videos import make_sample_videos
+from preprocess.sample_videos import encode, make_sample_videos
 
 REPO = Path(__file__).resolve().parents[1]
 UCF_MINI = Path(os.environ.get("UCF101_MINI", REPO.parent / "shared" / "data" / "ucf101-mini"))
@@ -37,6 +39,38 @@ def synthetic_shards(tmp_path_factory, sample_videos) -> Path:
     out = tmp_path_factory.mktemp("synthetic_shards")
     rc = preprocess_main([str(sample_videos), str(out), "--name", "synthetic", "--max-per-shard", "8", "--no-progress"])
     assert rc == 0
+    return out
+
+
+# frame k of a coded video is one flat colour that spells k: red = CODE0 + CODE_STEP * (k // 8), green = CODE0 +
+# CODE_STEP * (k % 8), blue 128. Any crop, flip or resize of a frame keeps its colour, so a decoded clip's frames
+# name their own indices (codec and colour-conversion error are a few levels, the step is 28).
+CODE0, CODE_STEP, CODED_FRAMES = 24, 28, 64
+
+
+def coded_frames(n: int = CODED_FRAMES, h: int = 120, w: int = 160) -> np.ndarray:
+    k = np.arange(n)
+    rgb = np.stack([CODE0 + CODE_STEP * (k // 8), CODE0 + CODE_STEP * (k % 8), np.full(n, 128)], 1)
+    return np.broadcast_to(rgb[:, None, None, :], (n, h, w, 3)).astype(np.uint8)
+
+
+def frame_codes(clip: torch.Tensor) -> list[int]:
+    """The frame indices a decoded clip [3, T, S, S] on 0..1 (no colour augmentation, not normalised) shows."""
+    r, g = (clip[:2] * 255).mean(dim=(2, 3)).tolist()
+    return [8 * round((a - CODE0) / CODE_STEP) + round((b - CODE0) / CODE_STEP) for a, b in zip(r, g)]
+
+
+@pytest.fixture(scope="session")
+def coded_shards(tmp_path_factory) -> Path:
+    """Shards of 8 videos (2 classes x 3 train, 1 test) of CODED_FRAMES frames that carry their own index."""
+    videos = tmp_path_factory.mktemp("coded_videos")
+    for split, n in (("train", 3), ("test", 1)):
+        for c in ("a", "b"):
+            (videos / split / c).mkdir(parents=True)
+            for i in range(n):
+                encode(coded_frames(), videos / split / c / f"{c}_{i}.mp4")
+    out = tmp_path_factory.mktemp("coded_shards")
+    assert preprocess_main([str(videos), str(out), "--name", "coded", "--max-per-shard", "8", "--no-progress"]) == 0
     return out
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import CODED_FRAMES, frame_codes
 from model import MultiLevel
 from pipeline import MULTILEVEL_OUTPUTS, AugConfig, ShardSet, pretrain_loader
 from pipeline.multilevel import clip_frames, draw_step_and_start, multilevel_indices
@@ -53,6 +54,7 @@ def syn_train(synthetic_shards):
 
 @pytest.mark.parametrize("F_,step,start", [(64, 1.0, 0), (64, 1.5, 3), (100, 2.7, 11), (64, 2.5, 1), (20, 1.0, 0),
                                           (33, 1.9, 2)])
+@pytest.mark.unit
 def test_indices_and_clips_follow_the_formula(F_, step, start):
     """Given a video length and the drawn step/start: the 2T indices are the formula's (half-to-even rounding,
     clamped: never past the last frame), A the first T, B the next T, G every second of all 2T = A||B at
@@ -65,6 +67,7 @@ def test_indices_and_clips_follow_the_formula(F_, step, start):
     assert all(len(p) == T for p in parts.values())
 
 
+@pytest.mark.unit
 def test_step_and_start_draws():
     """r ~ U[1, min(3, F / 2T)] and s ~ U{0 .. int(F - 2T r)}: all 2T indices fit without clamping when the
     video is long enough; shorter videos get r = 1, s = 0 and edge padding."""
@@ -114,6 +117,23 @@ def test_clips_match_pyav_at_the_formula_frames(syn_train):
             flips.append(crop[4])
     assert len(boxes) == 12                  # 4 videos x 3 clips: 12 different crops
     assert 0 < sum(flips) < 12               # flips drawn per clip (p 0.5)
+
+
+def test_clips_are_the_frames_at_the_formula_indices(coded_shards):
+    """On videos whose every frame shows its own index (conftest `coded_frames`): raw_a / raw_b / raw_g are exactly
+    the frames the formula names for the drawn step and start (A the first T, B the next T, G every second)."""
+    cfg = AugConfig(num_frames=T, crop_size=32, color_aug=False, antialias=False)
+    keys = ("raw_a", "raw_b", "raw_g", "ml_frames", "ml_step", "ml_start")
+    steps = []
+    for seed in (2, 3):
+        batch = next(iter(pretrain_loader(coded_shards / "train", keys, batch_size=3, config=cfg, seed=seed)))
+        for s in range(3):
+            idx = formula(CODED_FRAMES, float(batch["ml_step"][s]), int(batch["ml_start"][s]))
+            assert batch["ml_frames"][s].tolist() == idx
+            for c, want in (("a", idx[:T]), ("b", idx[T:]), ("g", idx[::2])):
+                assert frame_codes(batch[f"raw_{c}"][s]) == want, (seed, s, c)
+            steps.append(float(batch["ml_step"][s]))
+    assert max(steps) > 1.5 and len(set(steps)) == len(steps)     # non-integer steps: rounding is exercised
 
 
 def test_output_sets_and_subsets(syn_train):

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import CODED_FRAMES, frame_codes
 from model import OBJECTIVES
 from pipeline import AugConfig, ShardSet, pretrain_loader
 
@@ -102,6 +103,25 @@ def test_windows_and_boxes_match_pyav(request, dataset, flip_p):
             assert err < CODEC_TOL, f"sample {s} window {c}: mean abs diff {err:.2f}"
             if dataset == "ucf_train":                          # rich content: the other mirror image is far off
                 assert (got - ref.flip(-1)).abs().mean().item() > err + 2
+
+
+@pytest.mark.parametrize("flip_p", [0.0, 1.0])
+def test_windows_are_the_frames_at_start_plus_stride_k(coded_shards, flip_p):
+    """On videos whose every frame shows its own index (conftest `coded_frames`): frame k of window m / n is
+    frame start + 2k, clamped at the last frame, for every sample, both windows, mirrored or not. (The PyAV
+    comparison above cannot tell neighbouring frames apart on slowly moving content.)"""
+    cfg = AugConfig(**SMALL, color_aug=False, antialias=False, flip_p=flip_p)
+    starts = set()
+    for seed in (3, 4):
+        batch = first_batch(pretrain_loader(coded_shards / "train", ("raw_m", "raw_n", "start_m", "start_n"),
+                                            batch_size=3, config=cfg, seed=seed))
+        for s in range(3):
+            for c in "mn":
+                start = int(batch[f"start_{c}"][s])
+                starts.add(start)
+                want = np.minimum(start + 2 * np.arange(8), CODED_FRAMES - 1).tolist()
+                assert frame_codes(batch[f"raw_{c}"][s]) == want, (seed, s, c)
+    assert len(starts) >= 4                                       # windows drawn all over the video
 
 
 def test_difference_clips_match_formula(syn_train):
