@@ -172,6 +172,7 @@ def test_a_documented_switch_that_adds_an_input_trains(data, tmp_path):
     assert final_state(tmp_path / "pixel")["step"] == 2
 
 
+@pytest.mark.unit
 def test_bn_groups_emulates_shuffle_bn_on_one_process_only():
     """auto (0): sub-batches of 4 (at most 8 groups) on one process, none with several (shuffle-BN is real there, so
     the multi-process objective is built exactly as before); an explicit value wins; too few samples per group is
@@ -223,6 +224,7 @@ def test_bad_inputs_give_one_clear_error(data, tmp_path):
     assert run_train(*common, "max_steps=3", f"out_dir={run}").returncode == 0
 
 
+@pytest.mark.unit
 def test_config_presets_and_overrides():
     cfg = load_config("k400_i3d_fima", ["batch_size=16", "lr=0.02", "compile=true"])
     assert cfg["objective"] == "fima" and cfg["queue_size"] == 65536 and cfg["dense_queue_size"] == 31360
@@ -236,6 +238,7 @@ def test_config_presets_and_overrides():
         load_config(None, ["batch_size"])
 
 
+@pytest.mark.unit
 def test_backbone_width_reaches_the_model_and_is_checked():
     from train.recipe import objective_kwargs
     from model import build_objective
@@ -280,6 +283,7 @@ def test_help_lists_presets_and_every_key():
     assert "k400_i3d_fima" in r.stdout and "torchrun" in r.stdout
 
 
+@pytest.mark.unit
 def test_lr_schedules():
     from train.recipe import lr_at
     assert lr_at(0, 100, 10, 1.0) == 0.1 and lr_at(9, 100, 10, 1.0) == 1.0       # linear warm-up
@@ -337,6 +341,62 @@ def test_train_step_never_applies_a_non_finite_gradient(precision):
             assert torch.equal(model.w.detach(), torch.ones(3)) and not opt.state
             if precision == "fp16" and nan_grad:
                 assert scaler.get_scale() < 1024.0
+
+
+class _Quadratic(torch.nn.Module):
+    """No BatchNorm, so a global batch split over ranks must give exactly the one-process update."""
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+
+    def after_backward(self):
+        pass
+
+    def forward(self, batch):
+        return {"loss": ((batch["x"] @ self.w - batch["y"]) ** 2).mean()}
+
+
+def _quadratic_batches(steps=3, B=4):
+    g = torch.Generator().manual_seed(0)
+    return [{"x": torch.randn(B, 3, generator=g), "y": torch.randn(B, generator=g)} for _ in range(steps)]
+
+
+def _ddp_step_worker(r, world, tmp):
+    import torch.distributed as dist
+    from train.checkpoint import weights_checksum
+    from train.distributed import Dist
+    from train.recipe import train_step, wrap
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=r, world_size=world)
+    try:
+        d = Dist(rank=r, world_size=world)
+        model, raw = wrap(_Quadratic(), {"channels_last": False, "compile": False, "sync_bn": False}, d, False)
+        opt = torch.optim.SGD(raw.parameters(), lr=0.1, momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        for batch in _quadratic_batches():      # rank r's share of each global batch, as the loader deals it out
+            train_step(model, {k: v[r::world] for k, v in batch.items()}, opt, scaler,
+                       torch.autocast("cpu", enabled=False), d)
+        torch.save((raw.w.detach().clone(), weights_checksum(raw)), f"{tmp}/rank{r}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_train_step_equals_one_process_at_fp32_reduction_order(tmp_path):
+    """The trainer's DDP wrapping and step on 2 gloo ranks x 2 samples against one process on the 4 samples (a model
+    without BatchNorm, the one thing that legitimately differs): the same weights after 3 SGD-momentum steps up to
+    fp32 summation order (a gradient summed over ranks instead of averaged is 2x off), and bit-identical ranks."""
+    import torch.multiprocessing as mp
+    from train.distributed import Dist
+    from train.recipe import train_step
+    mp.start_processes(_ddp_step_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
+    (w0, c0), (w1, c1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(w0, w1) and c0 == c1
+    one = _Quadratic()
+    opt = torch.optim.SGD(one.parameters(), lr=0.1, momentum=0.9)
+    for batch in _quadratic_batches():
+        train_step(one, batch, opt, torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False),
+                   Dist())
+    assert not torch.allclose(one.w.detach(), torch.tensor([0.5, -1.0, 2.0]), atol=0.05)   # it did move
+    torch.testing.assert_close(w0, one.w.detach(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.unit
@@ -397,7 +457,10 @@ def test_multilevel_two_process_ddp_across_split_resumes_from_sigterm(data, tmp_
                                           len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)                     # torchrun forwards it to both workers
-    _, err = proc.communicate(timeout=300)
+    said, err = proc.communicate(timeout=300)
+    # the workers checkpointed and stopped on the signal (not a crash, not a finished run); torchrun itself
+    # re-raises the signal as an error, so it exits non-zero
+    assert proc.returncode != 0 and "pre-empted (signal" in said, (proc.returncode, said[-2000:], err[-2000:])
     cut_at = final_state(out)["step"]
     assert 3 <= cut_at < 8, (cut_at, err[-2000:])
     resumed = subprocess.run([*torchrun, f"out_dir={out}"], cwd=REPO, capture_output=True, text=True, env=env)
