@@ -105,10 +105,14 @@ class VideoLoader:
         """Set samples aside before they are met: records with "index" (from ``bad`` / bad_samples.jsonl) or
         just "key" (e.g. `python -m preprocess verify`'s bad_keys.txt). Keys of other shard sets are ignored.
         Returns how many samples of this set were added. Prefetched batches are dropped (re-fed without them)."""
-        by_key = {self.shards.key(i): i for i in range(len(self.shards))}
+        def named(r):      # a record's index is trusted when the key there is its key
+            i = r.get("index")
+            return i is not None and 0 <= int(i) < len(self.shards) and self.shards.key(int(i)) == r["key"]
+        # keys looked up in one pass over the index files, only for records that need it (a key list)
+        by_key = self.shards.find_keys({r["key"] for r in records if r.get("key") and not named(r)})
         added = 0
         for r in records:   # the key is the identity; an index alone only for sets whose index has no names
-            index = by_key.get(r["key"]) if r.get("key") else r.get("index")
+            index = (int(r["index"]) if named(r) else by_key.get(r["key"])) if r.get("key") else r.get("index")
             if index is not None and int(index) not in self.bad:
                 self.bad[int(index)] = dict(r, index=int(index))
                 added += 1

@@ -50,35 +50,186 @@ class Sample:
     track: Track | None  # the MP4's sample table (for trimming to the needed GOPs), None if not an MP4
 
 
+class _Manifest(dict):
+    """A split manifest read without its per-sample list ("samples"), which is read from the file the first time
+    something asks for it (``m["samples"]``, ``m.get("samples")``, ``"samples" in m``)."""
+
+    def __init__(self, path: Path, head: dict):
+        super().__init__(head)
+        self._path = path
+
+    def _full(self) -> None:
+        if self._path is not None:
+            samples = json.loads(self._path.read_text()).get("samples")
+            self._path = None
+            if samples is not None:
+                super().__setitem__("samples", samples)
+
+    def __getitem__(self, k):
+        if k == "samples":
+            self._full()
+        return super().__getitem__(k)
+
+    def get(self, k, default=None):
+        if k == "samples":
+            self._full()
+        return super().get(k, default)
+
+    def __contains__(self, k):
+        if k == "samples":
+            self._full()
+        return super().__contains__(k)
+
+
+class _Index:
+    """Every sample's components as arrays (the lean index): for a set whose index lines all list the same
+    members in the same order (what `python -m preprocess` writes), per sample the tar number, the offset and size
+    of each member (int64 / int32, 5 numbers a member) and where its line starts in the .idx file (so its key is
+    read on demand): ~40 bytes a sample instead of ~1 KB of Python objects. Other sets keep the parsed lines."""
+
+    def __init__(self, tars: list[Path]):
+        self.idx = [shard_format.index_path(t) for t in tars]
+        self.exts: tuple[str, ...] | None = None
+        self.lines: list[tuple[int, dict, str]] | None = None     # the fallback: (tar, components, key)
+        tar, off, size, line = [], [], [], []
+        for t, path in enumerate(self.idx):
+            parsed = self._fast(path) if self.lines is None else None
+            if parsed is None:
+                if self.lines is None:     # first odd file: the files parsed so far move to the general form
+                    self.lines = [(u, self.comps_of(a, b), self._key_at(u, c)) for u, a, b, c in
+                                  zip(_cat(tar), _cat(off), _cat(size), _cat(line))]
+                self.lines += [(t, comps, key) for comps, key in shard_format.parse_index(path)]
+                continue
+            o, z, ln = parsed
+            tar.append(np.full(len(o), t, dtype=np.int32))
+            off.append(o)
+            size.append(z)
+            line.append(ln)
+        if self.lines is None:
+            self.tar, self.off, self.size, self.line = _cat(tar), _cat(off), _cat(size), _cat(line)
+            self.n = len(self.tar)
+        else:
+            self.n = len(self.lines)
+
+    def _fast(self, path: Path):
+        """(offsets int64 [n, E], sizes int32 [n, E], line starts int64 [n]) of one .idx whose lines all hold the
+        same E members in the same order as name-carrying quads; None when the file is laid out otherwise."""
+        data = path.read_bytes()
+        tok = data.split()
+        if len(tok) < 2 or not tok[0].startswith(b"v1"):
+            return None
+        try:
+            n = int(tok[1])
+        except ValueError:
+            return None
+        first = data.split(b"\n", 2)[1].split() if n and data.count(b"\n") >= 2 else []
+        width = len(first)
+        if n == 0 or width == 0 or width % 4 or len(tok) != 2 + n * width:
+            return None
+        exts = tuple(e.decode() for e in first[0::4])
+        if self.exts is not None and exts != self.exts:
+            return None
+        body = tok[2:]
+        for j, ext in enumerate(first[0::4]):
+            if body[4 * j::width] != [ext] * n:
+                return None
+            # every name of this column ends with ".ext" (tokens hold no spaces: count the endings in one pass)
+            if (b" ".join(body[4 * j + 3::width]) + b" ").count(b"." + ext + b" ") != n:
+                return None
+        nums = b" ".join(body[1::4]), b" ".join(body[2::4])
+        if not all(x.replace(b" ", b"").isdigit() for x in nums):    # every offset and size all digits
+            return None
+        off = np.fromstring(nums[0], dtype=np.int64, sep=" ").reshape(n, -1)
+        size = np.fromstring(nums[1], dtype=np.int64, sep=" ").reshape(n, -1)
+        if size.max() >= 2**31:
+            return None
+        newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+        if len(newlines) < n:
+            return None
+        self.exts = exts
+        return off, size.astype(np.int32), newlines[:n] + 1
+
+    def comps_of(self, off, size) -> dict[str, tuple[int, int]]:
+        return {e: (int(o), int(z)) for e, o, z in zip(self.exts, off, size)}
+
+    def entry(self, i: int) -> tuple[int, dict[str, tuple[int, int]]]:
+        """(tar number, {ext: (data offset, size)}) of sample i."""
+        if self.lines is not None:
+            t, comps, _ = self.lines[i]
+            return t, comps
+        return int(self.tar[i]), self.comps_of(self.off[i], self.size[i])
+
+    def key(self, i: int) -> str:
+        if self.lines is not None:
+            return self.lines[i][2]
+        return self._key_at(int(self.tar[i]), int(self.line[i]))
+
+    def _key_at(self, t: int, start: int) -> str:
+        """The key of the index line of tar t that starts at byte ``start`` (its first member's name)."""
+        with open(self.idx[t], "rb") as f:
+            f.seek(int(start))
+            line = f.readline()
+        name = line.split()[3].decode()
+        return name.rsplit("/", 1)[-1].split(".", 1)[0]
+
+    def find(self, keys: set[str]) -> dict[str, int]:
+        """{key: index} of those of ``keys`` in the set (one pass over the index files when keys are asked for)."""
+        if not keys:
+            return {}
+        if self.lines is not None:
+            return {k: i for i, (_, _, k) in enumerate(self.lines) if k in keys}
+        found, base = {}, 0
+        width = 4 * len(self.exts)
+        for path in self.idx:
+            tok = path.read_bytes().split()
+            names = tok[2 + 3::width]
+            for j, name in enumerate(names):
+                k = name.decode().rsplit("/", 1)[-1].split(".", 1)[0]
+                if k in keys:
+                    found[k] = base + j
+            base += len(names)
+        return found
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
 class ShardSet:
     """The samples of one shard folder (``OUT/<split>``), read by offset through the ``.idx`` files."""
 
     def __init__(self, shard_dir: str | Path):
         self.dir = Path(shard_dir)
-        self.manifest = shard_format.load_manifest(self.dir)   # clear errors for a missing/empty folder
+        head = shard_format.load_manifest(self.dir, samples=False)   # clear errors for a missing/empty folder
+        self.manifest = _Manifest(self.dir / shard_format.MANIFEST, head)
         self.tars = shard_format.shard_paths(self.dir, self.manifest)
         self.classes = list(self.manifest.get("classes") or [])
-        entries = []            # (tar number, components, key)
-        for t, tar in enumerate(self.tars):
-            entries += [(t, comps, key) for comps, key in shard_format.parse_index(shard_format.index_path(tar))]
-        if not entries:
+        self._index = _Index(self.tars)
+        if not self._index.n:
             raise ValueError(f"{self.dir}: the shard set holds 0 samples: re-run `python -m preprocess`")
         need = (shard_format.VIDEO_EXT, shard_format.LABEL_EXT, shard_format.FRAMES_EXT)
-        for t, comps, _ in entries:
-            missing = [e for e in need if e not in comps]
+        if self._index.lines is None:
+            checks = [(0, self._index.exts)]
+        else:
+            checks = [(t, tuple(comps)) for t, comps, _ in self._index.lines]
+        for t, exts in checks:
+            missing = [e for e in need if e not in exts]
             if missing:
-                raise ValueError(f"{self.tars[t]}: a sample lacks {missing} (has {sorted(comps)}): "
+                raise ValueError(f"{self.tars[t]}: a sample lacks {missing} (has {sorted(exts)}): "
                                  "these shards were not written by `python -m preprocess`")
-        self._entries = entries
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()             # reads come from a small thread pool
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._index.n
 
     def key(self, index: int) -> str:
         """The sample key from the index file ("" when the index carries no member names)."""
-        return self._entries[index][2]
+        return self._index.key(index)
+
+    def find_keys(self, keys) -> dict[str, int]:
+        """{key: sample index} for those of ``keys`` in this set."""
+        return self._index.find(set(keys))
 
     def _fd(self, t: int) -> int:
         with self._lock:
@@ -88,13 +239,14 @@ class ShardSet:
 
     def location(self, index: int) -> tuple[str, int]:
         """(tar path, byte offset of the video member's data): where a bad sample sits, for people and tools."""
-        t, comps, _ = self._entries[index]
+        t, comps = self._index.entry(index)
         return str(self.tars[t]), comps.get(shard_format.VIDEO_EXT, (min(o for o, _ in comps.values()), 0))[0]
 
     def read(self, index: int) -> Sample:
         """Read sample ``index``: one pread over the span of its components (and the tar header before each,
         checked against the index). A damaged sample raises ``SampleError`` naming it."""
-        t, comps, key = self._entries[index]
+        t, comps = self._index.entry(index)
+        key = self._index.key(index)
         shard, offset = self.location(index)
         try:
             return self._read(index, t, comps, key)
@@ -153,7 +305,8 @@ class ShardSet:
     def labels(self) -> np.ndarray:
         """Every sample's label (int64 [N]); reads 4 bytes per sample; -1 where those bytes are missing."""
         out = np.empty(len(self), dtype=np.int64)
-        for i, (t, comps, _) in enumerate(self._entries):
+        for i in range(len(self)):
+            t, comps = self._index.entry(i)
             off, size = comps[shard_format.LABEL_EXT]
             try:
                 out[i] = shard_format.unpack_int32(os.pread(self._fd(t), size, off))

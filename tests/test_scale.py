@@ -157,3 +157,35 @@ def test_a_lock_from_another_host_is_not_guessed_at(small_videos, tmp_path):
     r = subprocess.run(preprocess_cmd(small_videos, out), cwd=REPO, capture_output=True, text=True)
     assert r.returncode == EXIT_LOCKED and "pid 4242 on host node-17" in r.stderr and "delete the lock file" in r.stderr
     assert "Traceback" not in r.stderr and sorted(p.name for p in out.iterdir()) == [".preprocess.lock"]
+
+
+# ---------------------------------------------------------------- the lean index (pipeline/shards.py)
+def test_the_lean_index_agrees_with_the_index_files_and_leaves_the_per_sample_list_unread(damaged_shards):
+    from pipeline import ShardSet
+    out, damaged = damaged_shards
+    split = out / "train"
+    s = ShardSet(split)
+    # opened without the manifest's per-sample list; it is read the first time something asks for it
+    assert not dict.__contains__(s.manifest, "samples") and s._index.lines is None
+    full = json.loads((split / "manifest.json").read_text())
+    assert {k: v for k, v in full.items() if k != "samples"} == dict(s.manifest)
+    assert s.manifest.get("samples") == full["samples"] and s.manifest["samples"] == full["samples"]
+    # every sample's members, tar and key as the general parser reads them from the .idx files
+    rows = [(t, comps, key) for t, tar in enumerate(fmt.shard_paths(split))
+            for comps, key in fmt.parse_index(fmt.index_path(tar))]
+    assert len(s) == len(rows) == full["num_samples"]
+    for i, (t, comps, key) in enumerate(rows):
+        assert s._index.entry(i) == (t, comps) and s.key(i) == key
+        assert s.location(i) == (str(fmt.shard_paths(split)[t]), comps[fmt.VIDEO_EXT][0])
+    assert s.find_keys(damaged | {"not-a-key"}) == {k: i for i, (_, _, k) in enumerate(rows) if k in damaged}
+    s.close()
+
+
+def test_the_manifest_head_is_read_without_parsing_the_per_sample_list(synthetic_shards, tmp_path):
+    text = (synthetic_shards / "train" / "manifest.json").read_text()
+    full = json.loads(text)
+    start = text.index('\n "samples": [') + len('\n "samples": [')
+    end = text.index('\n ],\n "shards": [')
+    (tmp_path / "manifest.json").write_text(text[:start] + "\n  not JSON at all" + text[end:])   # never parsed
+    head = fmt.manifest_head(tmp_path / "manifest.json")
+    assert head == {k: v for k, v in full.items() if k != "samples"}
