@@ -1,22 +1,33 @@
-"""Benchmark representation quality: a fixed-budget pretraining of MoCo and FIMA against the random-init network.
+"""Benchmark representation quality: every objective, each with its CPU recipe, against the random-init network.
 
-For each seed: pretrain every objective for --steps steps (`python -m train --config PRESET`), then probe the
-random-init backbone of that seed and each pretrained one with the linear probe and weighted kNN on the same
-labelled shard set (`python -m evaluate linear|knn`), and fine-tune each of them with the same budget
-(`python -m evaluate finetune`, --finetune-epochs, Adam 1e-3, the seed's data order: the papers' main probe). Prints a table and one JSON line with every figure, the
-mean and spread (max - min over seeds) per model and probe, and the gains over random init as differences and
-ratios (quality, like speed, as a ratio against a baseline measured in the same run).
+For each seed and objective: pretrain with the objective's recipe (RECIPES: a named preset each, whose comments
+give the measurements behind it), then probe the pretrained backbone and the random-init backbone of the same
+seed, architecture and clip (frames, stride, crop) with weighted kNN (plus its motion-reliance probe: the test
+clips frozen to one frame), the linear probe and, on the first --finetune-seeds seeds, fine-tuning with the same
+budget for both (the papers' main protocol). Prints a table and one JSON line: per model and probe the mean and
+spread (max - min) over seeds, and each objective's gain over its random init as a difference and a ratio
+(quality, like speed, as a ratio against a baseline measured in the same run). --report DIR also writes
+DIR/quality.md (the results table, markdown) and DIR/quality.png (BLOCK.md / BLOCK.png with --block) (per probe, each objective's mean and seed
+range against its random-init line; the quality monitor's kNN over training); --readme README.md puts that
+table between the README's `<!-- quality:begin -->` and `<!-- quality:end -->` markers (--block names another).
 
-    python benchmarks/quality.py                          # the synthetic sample, made in a temp folder
-    python benchmarks/quality.py --data shards/ucf9 --steps 280 --finetune-epochs 0   # cpu_small, 10 epochs
-    python benchmarks/quality.py --steps 20 --seeds 0     # a smoke run
+Everything lands in --work (runs/, eval/, cache/) and is reused when the same command runs again: a finished
+pretraining resumes at its last step and stops, a probe whose results.json exists is read, not rerun (--fresh
+reruns the probes). So a long benchmark survives interruption, and seeds or objectives can be added later.
 
---data OUT holds OUT/train (pretraining and the probes' training set) and OUT/test (the probes' test set).
+    python benchmarks/quality.py --data shards/ucf9 --work runs/quality --report docs    # 4 objectives x 3 seeds
+    python benchmarks/quality.py --data shards/ucf9 --objectives fima moco --seeds 0 1 --finetune-seeds 0
+    python benchmarks/quality.py --steps 20 --seeds 0 --finetune-epochs 0               # a smoke run
+
+Without --data the benchmark shards the embedded synthetic sample (the demo's: camera motion over 4 shared
+scenes) into --work and trains on it with the same recipes and flip_p=0 (its classes are directions).
+On the 2-core CPU here a full run on ucf9 (4 objectives x 3 seeds, fine-tuning on 2) takes ~6 hours.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,108 +39,208 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import sample_shards  # noqa: E402
 
-# The synthetic sample the benchmark makes when no --data is given (see README, "The embedded sample").
-# The camera kind with 4 scenes shared by the videos (so scene identity cannot tell videos apart), as measured in
-# the README's Status: there fine-tuning from FIMA converges on every seed, from random init on some.
+# Each objective's recommended CPU recipe: a preset in configs/ (its comments say what was measured).
+RECIPES = {"moco": "cpu_small_moco", "fame": "cpu_small_fame", "fima": "cpu_small", "multilevel": "cpu_small_multilevel"}
+# The embedded sample (see README, "The embedded sample") and what its videos need on top of the recipes.
 SAMPLE = dict(kind="camera", scenes=4, train_per_class=16, test_per_class=8, height=96, width=128, frames=64)
 SAMPLE_SHORT_SIDE = 96
-# ... and its recipe on top of the demo preset: 96 videos at batch 8 are 12 steps per epoch, so 25 epochs put the
-# cosine's end at step 300 (the default --steps); a 64-key queue spans under half an epoch
-SAMPLE_OVERRIDES = ["queue_size=64", "epochs=25"]
+SAMPLE_OVERRIDES = ["flip_p=0"]
+PROBES = ("knn", "linear", "finetune")
+MARKERS = "<!-- {name}:begin -->", "<!-- {name}:end -->"   # the README block --readme writes (--block NAME)
 
 
-def pretrain(preset: str, data: Path, objective: str, seed: int, steps: int, out: Path, overrides: list[str]) -> float:
+def pretrain(preset: str, data: Path, objective: str, seed: int, out: Path, overrides: list[str]) -> float:
+    """Runs (or, when out/ holds the finished run, resumes at its end) one pretraining; returns its seconds."""
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "train", "--no-progress", "--config", preset, f"data={data / 'train'}",
-           f"objective={objective}", f"seed={seed}", f"max_steps={steps}", f"out_dir={out}", "ckpt_every=100000",
-           *overrides]
+           f"monitor={data}", f"objective={objective}", f"seed={seed}", f"out_dir={out}", *overrides]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"pretraining failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
     return time.perf_counter() - t0
 
 
-def probe(command: str, model: list[str], data: Path, out: Path, cache: Path, eval_flags: list[str]) -> float:
-    from evaluate.cli import main as evaluate_main
-    cached = ["--cache-dir", str(cache)] if command != "finetune" else []   # fine-tuning trains the backbone
-    rc = evaluate_main([command, *model, "--data", str(data), "--out", str(out), *cached, "--no-progress",
-                        *eval_flags])
-    if rc != 0:
-        raise SystemExit(f"evaluate {command} failed for {model}")
-    return json.loads((out / "results.json").read_text())["result"]["top1"]
+def probe(command: str, model: list[str], data: Path, out: Path, cache: Path, flags: list[str], fresh: bool) -> dict:
+    """One `python -m evaluate` probe (read from out/results.json when it is there and not --fresh)."""
+    if fresh or not (out / "results.json").is_file():
+        from evaluate.cli import main as evaluate_main
+        cached = ["--cache-dir", str(cache)] if command != "finetune" else []   # fine-tuning trains the backbone
+        rc = evaluate_main([command, *model, "--data", str(data), "--out", str(out), *cached, "--no-progress", *flags])
+        if rc != 0:
+            raise SystemExit(f"evaluate {command} failed for {model}")
+    return json.loads((out / "results.json").read_text())["result"]
+
+
+def monitor_curve(run: Path) -> list[tuple[int, float]]:
+    """(step, kNN top-1) of the run's quality monitor (metrics.jsonl)."""
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [(r["step"], r["monitor/knn_top1"]) for r in rows if "monitor/knn_top1" in r]
+
+
+def stats(values: list[float]) -> dict:
+    return {"mean": sum(values) / len(values), "spread": max(values) - min(values), "per_seed": values}
+
+
+def markdown(summary: dict, models: dict, baseline_of: dict, seeds: list[int], command: str) -> str:
+    """The results table: one row per model, mean (spread) per probe in %, gains against the matching random init."""
+    def cell(probe_name, m, key="top1"):
+        s = summary.get(probe_name, {}).get(m, {}).get(key)
+        return f"{100 * s['mean']:.1f} ({100 * s['spread']:.1f})" if s else "–"
+
+    def gain(probe_name, m):
+        s, b = summary.get(probe_name, {}).get(m, {}).get("top1"), summary.get(probe_name, {}).get(
+            baseline_of.get(m, m), {}).get("top1")
+        return f"{100 * (s['mean'] - b['mean']):+.1f}" if s and b and m in baseline_of else ""
+
+    lines = [f"Generated by `{command}` (seeds {', '.join(map(str, seeds))}; top-1 %, mean over seeds (spread = "
+             "max - min); gain = points over the random init of the same backbone and clip; motion drop = kNN top-1 "
+             "lost when every test clip is frozen to its middle frame).", "",
+             "| model | clip | kNN | gain | linear | gain | fine-tune | gain | kNN without motion | motion drop |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, spec in models.items():
+        lines.append(f"| {spec['label']} | {spec['clip']} | {cell('knn', m)} | {gain('knn', m)} | {cell('linear', m)} "
+                     f"| {gain('linear', m)} | {cell('finetune', m)} | {gain('finetune', m)} "
+                     f"| {cell('knn', m, 'top1_static')} | {cell('knn', m, 'motion_drop')} |")
+    return "\n".join(lines) + "\n"
+
+
+def picture(path: Path, summary: dict, models: dict, baseline_of: dict, curves: dict) -> None:
+    """Per probe: each objective's seeds (dots), mean (bar) and its random init's mean (line); the monitor's kNN."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objectives = [m for m in models if m in baseline_of]
+    probes = [p for p in PROBES if p in summary]
+    fig, axes = plt.subplots(1, len(probes) + 1, figsize=(4.2 * (len(probes) + 1), 3.8))
+    for ax, probe_name in zip(axes, probes):
+        for i, m in enumerate(objectives):
+            s, b = summary[probe_name].get(m, {}).get("top1"), summary[probe_name].get(baseline_of[m], {}).get("top1")
+            if not s:
+                continue
+            ax.bar(i, 100 * s["mean"], color=f"C{i}", alpha=0.6)
+            ax.plot([i] * len(s["per_seed"]), [100 * v for v in s["per_seed"]], "k.", ms=5)
+            if b:
+                ax.hlines(100 * b["mean"], i - 0.4, i + 0.4, colors="k", linestyles="--", lw=1.2)
+        ax.set_xticks(range(len(objectives)), objectives, rotation=20)
+        ax.set_title(f"{probe_name} top-1 (%)\n(dashed: random init, same backbone and clip)", fontsize=9)
+    ax = axes[-1]
+    for i, m in enumerate(objectives):
+        for j, (seed, curve) in enumerate(sorted(curves.get(m, {}).items())):
+            if curve:
+                ax.plot(*zip(*[(s, 100 * v) for s, v in curve]), color=f"C{i}", alpha=0.8,
+                        label=m if j == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_title("quality monitor: kNN top-1 (%) over training", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def splice_readme(readme: Path, table: str, name: str = "quality") -> None:
+    text = readme.read_text()
+    begin, end = (m.format(name=name) for m in MARKERS)
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} block to write the table into")
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    readme.write_text(pattern.sub(lambda _: f"{begin}\n{table}{end}", text, count=1))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, help="labelled shard folder with train/ and test/ (default: the synthetic "
-                   "sample, made in --work)")
-    p.add_argument("--preset", help="pretraining preset (default: demo plus the sample's recipe on the synthetic "
-                   "sample, cpu_small, the CPU-scale recipe measured on real video, with --data)")
-    p.add_argument("--objectives", nargs="+", default=["moco", "fima"], help="objectives to pretrain (default moco fima)")
-    p.add_argument("--steps", type=int, default=300, help="pretraining steps per run (default 300: ~25 min for both seeds on a 2-core CPU)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default 0 1): pretraining, random init "
-                   "and probes")
-    p.add_argument("--test-clips", type=int, default=5, help="clips per video of the probes' features (default 5)")
-    p.add_argument("--finetune-epochs", type=int, default=30, help="epochs of the fine-tuning probe, the same for "
-                   "every model (default 30; 0 = no fine-tuning probe)")
-    p.add_argument("--work", type=Path, help="folder for data, runs and results (default: a temp folder)")
+    p.add_argument("--data", type=Path, help="labelled shard folder with train/ and test/ (default: the embedded "
+                   "synthetic sample, made in --work)")
+    p.add_argument("--objectives", nargs="+", default=list(RECIPES), choices=list(RECIPES),
+                   help="objectives to pretrain, each with its recipe (default: all four)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2): pretraining, "
+                   "random init and probes")
+    p.add_argument("--steps", type=int, help="pretraining steps per run (default: each recipe's own epochs)")
+    p.add_argument("--test-clips", type=int, default=3, help="clips per video of the probes' features (default 3)")
+    p.add_argument("--finetune-epochs", type=int, default=10, help="epochs of the fine-tuning probe, the same for "
+                   "every model (default 10; 0 = no fine-tuning probe)")
+    p.add_argument("--finetune-seeds", type=int, default=2, help="fine-tune on the first N seeds only (default 2)")
+    p.add_argument("--work", type=Path, help="folder for data, runs and results, reused by a rerun (default: a temp "
+                   "folder)")
+    p.add_argument("--fresh", action="store_true", help="rerun the probes even where results exist in --work")
+    p.add_argument("--report", type=Path, help="write quality.md (the table) and quality.png (the picture) here")
+    p.add_argument("--readme", type=Path, help="write the table into this file between its <!-- BLOCK:begin --> and "
+                   "<!-- BLOCK:end --> markers")
+    p.add_argument("--block", default="quality", help="the README block's name (default quality)")
     p.add_argument("overrides", nargs="*", help="key=value pretraining config overrides, for every run")
     a = p.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="quality-"))
     work.mkdir(parents=True, exist_ok=True)
     data = a.data or sample_shards(work / "sample", short_side=SAMPLE_SHORT_SIDE, **SAMPLE)
-    a.preset = a.preset or ("cpu_small" if a.data else "demo")
-    if not a.data and a.preset == "demo":   # the sample's recipe, unless the command line sets those keys
-        given = {o.split("=", 1)[0] for o in a.overrides}
-        a.overrides = [o for o in SAMPLE_OVERRIDES if o.split("=", 1)[0] not in given] + a.overrides
+    base = ([] if a.data else SAMPLE_OVERRIDES) + ([f"max_steps={a.steps}"] if a.steps else []) + a.overrides
 
     from train.config import load_config
-    cfg = load_config(a.preset, a.overrides)
-    eval_flags = ["--frames", str(cfg["frames"]), "--stride", str(cfg["stride"]), "--crop", str(cfg["crop"]),
-                  "--test-clips", str(a.test_clips)]
-    models = ["random", *a.objectives]
-    probes = ("linear", "knn") + (("finetune",) if a.finetune_epochs else ())
-    e = a.finetune_epochs
-    flags = {"linear": eval_flags, "knn": eval_flags,   # fine-tuning: the CPU recipe (the demo's optimiser), same budget
-             "finetune": [*eval_flags, "--optimizer", "adam", "--lr", "0.001", "--lr-batch", "0", "--batch-size",
-                          str(cfg["batch_size"]), "--epochs", str(e), "--milestones", str(max(1, e * 4 // 5)),
-                          "--flip-p", str(cfg["flip_p"]), "--num-threads", str(cfg["num_threads"]), "--resume", "none"]}
-    top1 = {probe_name: {m: [] for m in models} for probe_name in probes}
-    seconds = {m: [] for m in a.objectives}
-    for seed in a.seeds:
+    models, baseline_of, runs = {}, {}, {}       # model name -> spec; objective -> its random init's model name
+    for obj in a.objectives:
+        cfg = load_config(RECIPES[obj], [f"objective={obj}", *base])
+        clip = (cfg["backbone"], cfg["backbone_width"], cfg["frames"], cfg["stride"], cfg["crop"])
+        rand = f"random-{cfg['backbone']}-{cfg['frames']}x{cfg['stride']}-{cfg['crop']}"
+        clip_text = f"{cfg['backbone']} x{cfg['backbone_width']}, {cfg['frames']}x{cfg['stride']}, {cfg['crop']}²"
+        flags = ["--frames", str(cfg["frames"]), "--stride", str(cfg["stride"]), "--crop", str(cfg["crop"]),
+                 "--test-clips", str(a.test_clips)]
+        ft = ["--optimizer", "adam", "--lr", "0.001", "--lr-batch", "0", "--batch-size", str(cfg["batch_size"]),
+              "--epochs", str(a.finetune_epochs), "--milestones", str(max(1, a.finetune_epochs * 4 // 5)),
+              "--flip-p", str(cfg["flip_p"]), "--num-threads", str(cfg["num_threads"]), "--resume", "none"]
+        models.setdefault(rand, {"label": f"random init ({cfg['backbone']})", "clip": clip_text, "flags": flags,
+                                 "ft": ft, "spec": ["--random-init", "--backbone", clip[0], "--backbone-width",
+                                                    str(clip[1])]})
+        models[obj] = {"label": f"{obj} ({RECIPES[obj]}, {cfg['epochs'] if not a.steps else a.steps} "
+                                f"{'epochs' if not a.steps else 'steps'})", "clip": clip_text, "flags": flags,
+                       "ft": ft, "spec": None}
+        baseline_of[obj], runs[obj] = rand, cfg
+
+    results = {pr: {m: {} for m in models} for pr in PROBES}
+    seconds: dict[str, list[float]] = {m: [] for m in a.objectives}
+    curves: dict[str, dict[int, list]] = {m: {} for m in a.objectives}
+    for i, seed in enumerate(a.seeds):
         for obj in a.objectives:
-            seconds[obj].append(pretrain(a.preset, data, obj, seed, a.steps, work / "runs" / f"{obj}-s{seed}",
-                                         a.overrides))
-        for m in models:
-            spec = (["--random-init", "--backbone", cfg["backbone"], "--backbone-width", str(cfg["backbone_width"])]
-                    if m == "random" else ["--checkpoint", str(work / "runs" / f"{m}-s{seed}")])
-            for probe_name in top1:
-                top1[probe_name][m].append(probe(probe_name, [*spec, "--seed", str(seed)], data,
-                                                 work / "eval" / f"{m}-s{seed}-{probe_name}", work / "cache",
-                                                 flags[probe_name]))
+            run = work / "runs" / f"{obj}-s{seed}"
+            seconds[obj].append(pretrain(RECIPES[obj], data, obj, seed, run, base))
+            curves[obj][seed] = monitor_curve(run)
+        for m, spec in models.items():
+            model = spec["spec"] or ["--checkpoint", str(work / "runs" / f"{m}-s{seed}")]
+            probes = [pr for pr in PROBES if pr != "finetune" or (a.finetune_epochs and i < a.finetune_seeds)]
+            for pr in probes:
+                flags = spec["flags"] + (spec["ft"] if pr == "finetune" else [])
+                r = probe(pr, [*model, "--seed", str(seed)], data, work / "eval" / f"{m}-s{seed}-{pr}",
+                          work / "cache", flags, a.fresh)
+                for key in ("top1", "top1_static", "motion_drop"):
+                    if key in r:
+                        results[pr][m].setdefault(key, []).append(r[key])
 
-    def mean(v):
-        return sum(v) / len(v)
-
-    summary = {pr: {m: {"mean": mean(v), "spread": max(v) - min(v), "per_seed": v} for m, v in d.items()}
-               for pr, d in top1.items()}
-    gains = {pr: {m: {"minus_random": summary[pr][m]["mean"] - summary[pr]["random"]["mean"],
-                      "over_random": summary[pr][m]["mean"] / max(summary[pr]["random"]["mean"], 1e-9)}
-                  for m in a.objectives} for pr in top1}
-    if "fima" in a.objectives and "moco" in a.objectives:
-        for pr in top1:
-            gains[pr]["fima_minus_moco"] = summary[pr]["fima"]["mean"] - summary[pr]["moco"]["mean"]
-
-    print(f"\nquality: {a.preset} x {a.steps} steps, seeds {a.seeds}, data {data} (top-1 %, mean over seeds, spread)")
-    print(f"{'model':<10}" + "".join(f"{pr:>22}" for pr in top1))
-    for m in models:
-        cells = "".join(f"{100 * summary[pr][m]['mean']:>14.1f} ±{100 * summary[pr][m]['spread'] / 2:>5.1f}  "
-                        for pr in top1)
-        print(f"{m:<10}{cells}")
-    print(json.dumps({"benchmark": "quality", "data": str(data), "preset": a.preset, "overrides": a.overrides,
-                      "steps": a.steps, "seeds": a.seeds, "test_clips": a.test_clips,
-                      "finetune_epochs": a.finetune_epochs,
+    summary = {pr: {m: {k: stats(v) for k, v in d.items()} for m, d in per.items() if d}
+               for pr, per in results.items() if any(per.values())}
+    gains = {pr: {obj: {"minus_random": s[obj]["top1"]["mean"] - s[baseline_of[obj]]["top1"]["mean"],
+                        "over_random": s[obj]["top1"]["mean"] / max(s[baseline_of[obj]]["top1"]["mean"], 1e-9),
+                        "above_both_spreads": s[obj]["top1"]["mean"] - s[baseline_of[obj]]["top1"]["mean"]
+                        > max(s[obj]["top1"]["spread"], s[baseline_of[obj]]["top1"]["spread"])}
+                  for obj in a.objectives if obj in s} for pr, s in summary.items()}
+    command = "python benchmarks/quality.py " + " ".join(
+        (["--data", str(a.data)] if a.data else []) + (["--objectives", *a.objectives] if a.objectives != list(RECIPES)
+                                                       else []) + ["--seeds", *map(str, a.seeds)]
+        + (["--steps", str(a.steps)] if a.steps else []) + ["--finetune-epochs", str(a.finetune_epochs),
+                                                            "--finetune-seeds", str(a.finetune_seeds)] + a.overrides)
+    table = markdown(summary, models, baseline_of, a.seeds, command)
+    print(f"\nquality on {data}, seeds {a.seeds} (top-1 %, mean over seeds (spread))\n")
+    print(table)
+    if a.report:
+        a.report.mkdir(parents=True, exist_ok=True)
+        (a.report / f"{a.block}.md").write_text(table)
+        picture(a.report / f"{a.block}.png", summary, models, baseline_of, curves)
+    if a.readme:
+        splice_readme(a.readme, table, a.block)
+    print(json.dumps({"benchmark": "quality", "data": str(data), "recipes": {o: RECIPES[o] for o in a.objectives},
+                      "overrides": base, "steps": a.steps, "seeds": a.seeds, "test_clips": a.test_clips,
+                      "finetune_epochs": a.finetune_epochs, "finetune_seeds": a.seeds[:a.finetune_seeds],
+                      "baseline_of": baseline_of,
                       "pretrain_seconds": {m: [round(s, 1) for s in v] for m, v in seconds.items()},
+                      "monitor_knn": {m: {str(s): c for s, c in v.items()} for m, v in curves.items()},
                       "top1": summary, "gain": gains}))
 
 

@@ -7,6 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from evaluate.backbone import weights_hash
+from model import build_objective
+from train.recipe import objective_kwargs
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -15,27 +22,66 @@ def run_script(*args, timeout=900) -> subprocess.CompletedProcess:
                           env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
 
 
-def test_quality_benchmark_compares_pretrained_models_with_the_random_init(synthetic_shards, tmp_path):
-    r = run_script(REPO / "benchmarks" / "quality.py", "--data", synthetic_shards, "--steps", "2", "--seeds", "0",
-                   "--test-clips", "1", "--finetune-epochs", "1", "--work", tmp_path, "crop=32", "batch_size=4", "num_threads=1",
-                   "queue_size=16")
+def test_quality_benchmark_compares_each_objective_with_its_own_random_init(synthetic_shards, tmp_path):
+    """Two objectives with different clips (MoCo's 8x4, FIMA's 16x2): each has its own random-init baseline, every
+    figure is the one its evaluation wrote, the gains are recomputed here, the random init is the run's own seed,
+    and the report (markdown table, picture, README block) is written; a second run reuses everything."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- quality:begin -->\nold table\n<!-- quality:end -->\nafter\n")
+    args = [REPO / "benchmarks" / "quality.py", "--data", synthetic_shards, "--objectives", "moco", "fima",
+            "--steps", "2", "--seeds", "0", "--test-clips", "1", "--finetune-epochs", "1", "--finetune-seeds", "1",
+            "--work", tmp_path, "--report", tmp_path / "report", "--readme", readme, "crop=32", "batch_size=4",
+            "num_threads=1", "monitor="]   # no quality monitor: its extractions would be most of this test's time
+    r = run_script(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["benchmark"] == "quality" and out["steps"] == 2 and out["seeds"] == [0]
-    assert out["preset"] == "cpu_small"                        # --data given: the CPU-scale recipe
+    assert out["recipes"] == {"moco": "cpu_small_moco", "fima": "cpu_small"}
+    base = out["baseline_of"]
+    assert base == {"moco": "random-i3d-8x4-32", "fima": "random-i3d-16x2-32"}
     for probe in ("linear", "knn", "finetune"):
-        for model in ("random", "moco", "fima"):
-            v = out["top1"][probe][model]
-            assert len(v["per_seed"]) == 1 and 0 <= v["mean"] <= 1 and v["spread"] == 0
-        g = out["gain"][probe]
-        assert abs(g["fima"]["minus_random"] - (out["top1"][probe]["fima"]["mean"] -
-                                              out["top1"][probe]["random"]["mean"])) < 1e-12
-        assert "fima_minus_moco" in g
-    # each pretraining really ran (a checkpoint at step 2) and the random init is the run's own seed
+        got = {}
+        for model in ("moco", "fima", *base.values()):
+            v = out["top1"][probe][model]["top1"]
+            res = json.loads((tmp_path / "eval" / f"{model}-s0-{probe}" / "results.json").read_text())
+            got[model] = res["result"]["top1"]
+            assert v["per_seed"] == [got[model]] and v["mean"] == got[model] and v["spread"] == 0, (probe, model)
+            if probe == "knn":   # the motion-reliance figures come from the same evaluation
+                static = out["top1"]["knn"][model]["top1_static"]["per_seed"]
+                assert static == [res["result"]["top1_static"]]
+                assert out["top1"]["knn"][model]["motion_drop"]["mean"] == pytest.approx(got[model] - static[0])
+            if model in base.values():   # the baseline was probed at its objective's clip
+                frames, stride = (8, 4) if model == base["moco"] else (16, 2)
+                assert (res["settings"]["frames"], res["settings"]["stride"]) == (frames, stride), model
+        for model in ("moco", "fima"):
+            g = out["gain"][probe][model]
+            assert g["minus_random"] == pytest.approx(got[model] - got[base[model]], abs=1e-12)
+            assert g["over_random"] == pytest.approx(got[model] / max(got[base[model]], 1e-9))
+    # each pretraining really ran (a checkpoint at step 2), and the random init is the run's own seed: the baseline's
+    # weights are the query backbone that seed-0 pretraining started from, rebuilt here from the run's config
     for obj in ("moco", "fima"):
         ckpt = sorted((tmp_path / "runs" / f"{obj}-s0" / "checkpoints").glob("ckpt-*.pt"))
         assert ckpt and ckpt[-1].name == "ckpt-00000002.pt"
-    assert "random" in r.stdout and "fima" in r.stdout       # the printed table
+        cfg = torch.load(ckpt[-1], weights_only=True)["config"]
+        assert cfg["seed"] == 0 and cfg["objective"] == obj
+        torch.manual_seed(0)
+        start = build_objective(obj, **objective_kwargs(cfg)).encoder_q.eval()
+        for probe in ("linear", "knn", "finetune"):
+            m = json.loads((tmp_path / "eval" / f"{base[obj]}-s0-{probe}" / "results.json").read_text())["model"]
+            assert m["source"] == "random-init" and m["seed"] == 0
+            assert (m["backbone"], m["backbone_width"]) == (cfg["backbone"], cfg["backbone_width"])
+            assert m["sha256"] == weights_hash(start), (obj, probe)
+    table = (tmp_path / "report" / "quality.md").read_text()
+    assert "| moco (cpu_small_moco" in table and "| random init (i3d) | i3d x0.25, 8x4, 32²" in table
+    assert (tmp_path / "report" / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = readme.read_text()
+    assert "old table" not in text and table in text and text.endswith("<!-- quality:end -->\nafter\n")
+    # a rerun of the same command trains and evaluates nothing again: the same figures, from --work
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "eval").rglob("results.json")}
+    again = run_script(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["top1"] == out["top1"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "eval").rglob("results.json")} == stamp
 
 
 def test_acceptance_run_executes_here_with_its_gpu_rows_skipped(tmp_path):

@@ -174,24 +174,41 @@ def _check(key: str, value, where: str):
     return value
 
 
+def _read_preset(preset: str | Path) -> tuple[Path, dict]:
+    path = Path(preset)
+    if not path.is_file() and preset_path(str(preset)):
+        path = preset_path(str(preset))
+    if not path.is_file():
+        where = ", ".join(map(str, config_dirs())) or f"none of ${CONFIGS_ENV}, {CONFIG_DIR}, ./configs exists"
+        raise ConfigError(f"config preset {preset!r} not found; presets: {', '.join(presets()) or '(none)'} "
+                          f"(in {where}), or a path to a YAML file; a non-editable install finds the presets "
+                          f"through ${CONFIGS_ENV}=CHECKOUT/configs")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of key: value")
+    return path, data
+
+
+def _preset_chain(preset: str | Path | None) -> list[tuple[Path, dict]]:
+    """[(path, keys)] from the root preset down to ``preset``: a preset's `extends: NAME` names the preset it
+    changes (a name or a path), so a recipe that differs in three keys says only those three."""
+    chain: list[tuple[Path, dict]] = []
+    while preset:
+        path, data = _read_preset(preset)
+        if any(path.resolve() == p.resolve() for p, _ in chain):
+            raise ConfigError(f"{path}: `extends` goes round in a circle ({' -> '.join(str(p) for p, _ in chain)})")
+        preset = data.pop("extends", None)
+        chain.append((path, data))
+    return chain[::-1]
+
+
 def load_config(preset: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """Defaults <- preset file <- key=value overrides, each checked."""
+    """Defaults <- preset files (the `extends` chain, root first) <- key=value overrides, each checked."""
     cfg = {k: v for k, (v, _) in DEFAULTS.items()}
-    if preset:
-        path = Path(preset)
-        if not path.is_file() and preset_path(str(preset)):
-            path = preset_path(str(preset))
-        if not path.is_file():
-            where = ", ".join(map(str, config_dirs())) or f"none of ${CONFIGS_ENV}, {CONFIG_DIR}, ./configs exists"
-            raise ConfigError(f"config preset {preset!r} not found; presets: {', '.join(presets()) or '(none)'} "
-                              f"(in {where}), or a path to a YAML file; a non-editable install finds the presets "
-                              f"through ${CONFIGS_ENV}=CHECKOUT/configs")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must be a mapping of key: value")
+    for path, data in _preset_chain(preset):
         for k, v in data.items():
             cfg[k] = _check(k, v, str(path))
     for item in overrides:
