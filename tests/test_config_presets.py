@@ -35,5 +35,5 @@ def test_the_cpu_recipes_differ_from_cpu_small_only_where_they_say():
         changed = {k for k in cfg if cfg[k] != base[k]}
         assert "objective" in changed and changed <= {"objective", "frames", "stride", "epochs", "out_dir", "backbone",
                                                       "temperature", "cluster", "split", "proto_queue",
-                                                      "proto_queue_start", "fame_beta", "fame_skip_shared_background",
+                                                      "proto_queue_start", "fame_beta", "fame_skip_shared_background", "crop",
                                                       "batch_size", "min_area"}, (name, changed)
