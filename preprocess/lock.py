@@ -40,7 +40,7 @@ def _start_time(pid: int) -> str | None:
     return stat[stat.rfind(")") + 2:].split()[19]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +77,7 @@ def holder_alive(holder: dict) -> bool | None:
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return None
     pid = holder["pid"]
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     started = holder.get("start")
     return started is None or _start_time(pid) in (None, started)   # a reused pid is another process

@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 from . import shard_format as fmt
+from .lock import pid_alive
 
 TOOL = "motionpretrain.preprocess 0.1.0"
 
@@ -35,18 +36,8 @@ def remove_stale_temps(folder: Path) -> None:
     process's temp file (another job packing beside this one) is left alone."""
     for tmp in Path(folder).glob(".*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def dump_json(obj) -> str:
