@@ -246,8 +246,12 @@ def test_backbone_width_reaches_the_model_and_is_checked():
     model = build_objective(cfg["objective"], **objective_kwargs(cfg))
     assert model.encoder_q.feature_dim == 256 and model.encoder_k.feature_dim == 256   # 1024 * 0.25
     assert "backbone_kwargs" not in objective_kwargs(load_config(None))                  # width 1: the published I3D
-    with pytest.raises(ConfigError, match="needs backbone=i3d"):
-        load_config(None, ["backbone=r3d18", "backbone_width=0.5"])
+    # every backbone scales: the ResNets' four stage widths (64, 128, 256, 512) * 0.5, so 256 features at the end
+    r3d = build_objective("moco", **objective_kwargs(load_config(None, ["objective=moco", "backbone=r3d18",
+                                                                         "backbone_width=0.5"])))
+    assert r3d.encoder_q.feature_dim == 256
+    ml = build_objective("multilevel", **objective_kwargs(load_config("cpu_small_multilevel")))
+    assert ml.encoder_q.level_dims == (32, 64, 128)   # layer2..4 of (16, 32, 64, 128) at width 0.25
     with pytest.raises(ConfigError, match="positive"):
         load_config(None, ["backbone_width=0"])
 
