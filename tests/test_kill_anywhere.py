@@ -34,14 +34,7 @@ TRAIN = ["crop=32", "frames=8", "batch_size=4", "num_threads=1", "precision=fp32
 
 def kill_after(cmd: list[str], delay: float) -> bool:
     """Run cmd in its own process group and SIGKILL the group after delay seconds. True if it was still running."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        proc.wait(timeout=delay)
-        return False
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return True
+    return kill_when(cmd, lambda: True, delay)
 
 
 def kill_when(cmd: list[str], ready, delay: float, timeout: float = 900) -> bool:
