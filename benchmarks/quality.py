@@ -161,6 +161,8 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=10, help="epochs of the fine-tuning probe, the same for "
                    "every model (default 10; 0 = no fine-tuning probe)")
     p.add_argument("--finetune-seeds", type=int, default=2, help="fine-tune on the first N seeds only (default 2)")
+    p.add_argument("--finetune-objectives", nargs="+", choices=list(RECIPES), help="fine-tune only these objectives "
+                   "and their random inits (default: every objective run; fine-tuning is the probe that costs most)")
     p.add_argument("--work", type=Path, help="folder for data, runs and results, reused by a rerun (default: a temp "
                    "folder)")
     p.add_argument("--fresh", action="store_true", help="rerun the probes even where results exist in --work")
@@ -195,6 +197,8 @@ def main() -> None:
                        "ft": ft, "spec": None}
         baseline_of[obj], runs[obj] = rand, cfg
 
+    tuned = set(a.finetune_objectives or a.objectives)
+    tuned |= {baseline_of[o] for o in tuned if o in baseline_of}    # each fine-tuned objective's random init too
     results = {pr: {m: {} for m in models} for pr in PROBES}
     seconds: dict[str, list[float]] = {m: [] for m in a.objectives}
     curves: dict[str, dict[int, list]] = {m: {} for m in a.objectives}
@@ -205,7 +209,8 @@ def main() -> None:
             curves[obj][seed] = monitor_curve(run)
         for m, spec in models.items():
             model = spec["spec"] or ["--checkpoint", str(work / "runs" / f"{m}-s{seed}")]
-            probes = [pr for pr in PROBES if pr != "finetune" or (a.finetune_epochs and i < a.finetune_seeds)]
+            probes = [pr for pr in PROBES
+                      if pr != "finetune" or (a.finetune_epochs and i < a.finetune_seeds and m in tuned)]
             for pr in probes:
                 flags = spec["flags"] + (spec["ft"] if pr == "finetune" else [])
                 r = probe(pr, [*model, "--seed", str(seed)], data, work / "eval" / f"{m}-s{seed}-{pr}",
@@ -226,7 +231,8 @@ def main() -> None:
         (["--data", str(a.data)] if a.data else []) + (["--objectives", *a.objectives] if a.objectives != list(RECIPES)
                                                        else []) + ["--seeds", *map(str, a.seeds)]
         + (["--steps", str(a.steps)] if a.steps else []) + ["--finetune-epochs", str(a.finetune_epochs),
-                                                            "--finetune-seeds", str(a.finetune_seeds)] + a.overrides)
+                                                            "--finetune-seeds", str(a.finetune_seeds)]
+        + (["--finetune-objectives", *a.finetune_objectives] if a.finetune_objectives else []) + a.overrides)
     table = markdown(summary, models, baseline_of, a.seeds, command)
     print(f"\nquality on {data}, seeds {a.seeds} (top-1 %, mean over seeds (spread))\n")
     print(table)
@@ -239,6 +245,7 @@ def main() -> None:
     print(json.dumps({"benchmark": "quality", "data": str(data), "recipes": {o: RECIPES[o] for o in a.objectives},
                       "overrides": base, "steps": a.steps, "seeds": a.seeds, "test_clips": a.test_clips,
                       "finetune_epochs": a.finetune_epochs, "finetune_seeds": a.seeds[:a.finetune_seeds],
+                      "finetune_models": sorted(tuned),
                       "baseline_of": baseline_of,
                       "pretrain_seconds": {m: [round(s, 1) for s in v] for m, v in seconds.items()},
                       "monitor_knn": {m: {str(s): c for s, c in v.items()} for m, v in curves.items()},
