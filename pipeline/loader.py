@@ -165,7 +165,7 @@ class VideoLoader:
         known = shard_format.codec_named(codec)
         if self.backend == "cpu" and known is not None and not known.cpu:
             raise CodecError(f"{self.shards.dir}: the shards are {codec}, which DALI's CPU video decoder cannot decode "
-                             "(it handles VP9, VP8 and MJPEG only). Re-shard with VP9: "
+                             f"(it handles {shard_format.cpu_decodable_text()} only). Re-shard with VP9: "
                              "`python -m preprocess SRC OUT --codec vp9`, or use backend='gpu'.")
         for index in range(len(self.shards)):
             try:

@@ -332,5 +332,5 @@ def check_codec(sample: Sample, backend: str, where: str) -> None:
         return
     name = GPU_ONLY_CODECS.get(sample.codec, sample.codec)
     raise CodecError(f"{where}: sample {sample.index} is {name} ({sample.codec!r}), which DALI's CPU video decoder "
-                     "cannot decode (it handles VP9, VP8 and MJPEG only). Re-shard with VP9: "
+                     f"cannot decode (it handles {shard_format.cpu_decodable_text()} only). Re-shard with VP9: "
                      "`python -m preprocess SRC OUT --codec vp9`, or use backend='gpu'.")

@@ -29,7 +29,7 @@ VIDEO_CRC_FIELD = "video_crc32"   # in the json: zlib.crc32 of the mp4 member, c
 SAMPLE_EXTS = (VIDEO_EXT, LABEL_EXT, FRAMES_EXT, META_EXT)  # order inside each sample in the tar
 
 # --- codecs: one vocabulary for the sharder (names, ffmpeg encoders), the MP4 reader (sample-entry fourccs) and
-# the loaders and doctor (which backend decodes what: DALI 2.4's CPU decoder handles VP9, VP8 and MJPEG only)
+# the loaders and doctor (which backend decodes what: DALI 2.4's CPU decoder handles those marked `cpu` only)
 @dataclass(frozen=True)
 class Codec:
     name: str                      # manifest `encoding.codec` and `python -m preprocess --codec`
@@ -50,6 +50,12 @@ CODECS = (
     Codec("mpeg4", "MPEG-4", ("mp4v",), False),
 )
 WRITTEN_CODECS = tuple(c.name for c in CODECS if c.encoder)     # what `--codec` offers
+
+
+def cpu_decodable_text() -> str:
+    """The codecs DALI's CPU decoder handles, for messages: "VP9, VP8 and MJPEG" (the table's order)."""
+    labels = [c.label for c in CODECS if c.cpu]
+    return ", ".join(labels[:-1]) + " and " + labels[-1] if len(labels) > 1 else "".join(labels)
 
 
 def codec_named(name: str) -> Codec | None:

@@ -20,7 +20,7 @@ class DecodeChecks:
         if self.run_backend == "cpu" and gpu_only:
             raise Fail(fig + f": DALI's CPU decoder cannot decode {', '.join(names) or enc}",
                        "re-shard with --codec vp9 (`python -m preprocess SRC OUT --codec vp9`; DALI's CPU backend "
-                       "decodes VP9, VP8 and MJPEG only), or train on GPUs with backend=gpu", m)
+                       f"decodes {shard_format.cpu_decodable_text()} only), or train on GPUs with backend=gpu", m)
         if len(codecs) > 1:
             return Result("", WARN, fig, "several codecs in one set: each switch costs a new GPU decoder; re-shard "
                           "with one --codec", m)
