@@ -9,6 +9,7 @@ bare backbone state dicts load too; `module.` / `_orig_mod.` prefixes (DDP, torc
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -18,6 +19,10 @@ from model import BACKBONES, build_backbone
 from train.checkpoint import CheckpointManager
 
 PREFIXES = ("encoder_q.", "backbone.")
+# an exported backbone (`python -m evaluate export` writes it, evaluate/export.py): OUT/WEIGHTS and its model card
+CARD = "model_card.json"
+WEIGHTS = "backbone.safetensors"
+FORMAT = "motionpretrain-backbone-v1"
 
 
 class EvalError(ValueError):
@@ -74,6 +79,19 @@ def _width_kwargs(name: str, width: float) -> dict:
     return {"width": width}
 
 
+def load_exported(path: Path) -> tuple[dict, dict]:
+    """(backbone state dict, model card) of an exported folder or its backbone.safetensors."""
+    from safetensors.torch import load_file
+    folder = path if path.is_dir() else path.parent
+    card_path = folder / CARD
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{folder} holds no {CARD}: export with `python -m evaluate export`")
+    card = json.loads(card_path.read_text())
+    if card.get("format") != FORMAT:
+        raise ValueError(f"{card_path}: format {card.get('format')!r}, this code reads {FORMAT!r}")
+    return load_file(str(folder / card["weights"])), card
+
+
 def load_backbone(checkpoint: str | Path | None, backbone: str | None = None, random_init: bool = False,
                   seed: int = 0, width: float | None = None) -> tuple[nn.Module, dict]:
     """(backbone in eval mode on the CPU, info: source, path, backbone, backbone_width, objective, pretrain config,
@@ -93,14 +111,13 @@ def load_backbone(checkpoint: str | Path | None, backbone: str | None = None, ra
         raise EvalError("give --checkpoint CKPT (a file from `python -m train`), or --random-init [--backbone NAME] "
                         "for the random-init baseline")
     path = Path(checkpoint)
-    if path.is_dir() and not (path / "model_card.json").is_file():   # a run folder (or its checkpoints/ folder): its newest checkpoint
+    if path.is_dir() and not (path / CARD).is_file():   # a run folder (or its checkpoints/ folder): its newest checkpoint
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         found = CheckpointManager(folder, is_main=False).paths()
         if not found:
             raise EvalError(f"{path} holds no ckpt-*.pt checkpoint (looked in {folder})")
         path = found[0]
-    if path.suffix == ".safetensors" or (path / "model_card.json").is_file():   # `python -m evaluate export`
-        from .export import load_exported
+    if path.suffix == ".safetensors" or (path / CARD).is_file():   # `python -m evaluate export`
         sd, card = load_exported(path)
         config = {**(card.get("pretrain_config") or {}), "backbone": card["backbone"],
                   "backbone_width": card["backbone_width"]}

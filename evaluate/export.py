@@ -15,9 +15,7 @@ import json
 import os
 from pathlib import Path
 
-CARD = "model_card.json"
-WEIGHTS = "backbone.safetensors"
-FORMAT = "motionpretrain-backbone-v1"
+from .backbone import CARD, FORMAT, WEIGHTS, load_backbone   # the exported format lives with its loader
 
 
 def manifest_sha(data: str | None) -> str | None:
@@ -44,7 +42,6 @@ def collect_results(run_dir: Path | None, extra: list[Path]) -> list[dict]:
 def export(checkpoint: str | Path, out: Path, extra_results: list[Path] = ()) -> Path:
     from safetensors.torch import save_file
 
-    from .backbone import load_backbone
     backbone, info = load_backbone(checkpoint)
     cfg = info["pretrain"] or {}
     path = Path(info["path"])
@@ -65,19 +62,6 @@ def export(checkpoint: str | Path, out: Path, extra_results: list[Path] = ()) ->
     tmp.write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, out / CARD)
     return out
-
-
-def load_exported(path: Path) -> tuple[dict, dict]:
-    """(backbone state dict, model card) of an exported folder or its backbone.safetensors."""
-    from safetensors.torch import load_file
-    folder = path if path.is_dir() else path.parent
-    card_path = folder / CARD
-    if not card_path.is_file():
-        raise FileNotFoundError(f"{folder} holds no {CARD}: export with `python -m evaluate export`")
-    card = json.loads(card_path.read_text())
-    if card.get("format") != FORMAT:
-        raise ValueError(f"{card_path}: format {card.get('format')!r}, this code reads {FORMAT!r}")
-    return load_file(str(folder / card["weights"])), card
 
 
 def run(args) -> int:
