@@ -10,18 +10,34 @@ import json
 import os
 import tarfile
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.container import Track, parse_mp4
-from preprocess import shard_format
+from preprocess import integrity, shard_format
 
 # fourcc -> label, from the one codec table (preprocess/shard_format.py): what DALI's CPU decoder handles, and not
 CPU_CODECS = {f: c.label for c in shard_format.CODECS if c.cpu for f in c.fourccs}
 GPU_ONLY_CODECS = {f: c.label for c in shard_format.CODECS if not c.cpu for f in c.fourccs}
+
+
+# what a read refuses (preprocess/integrity.py's kinds): what would break decoding or training. The records'
+# agreement (json and manifest against lbl and nf) is for `python -m preprocess verify` and the doctor.
+READ_REFUSES = ("unreadable", "crc", "label", "frames")
+
+
+def _refusal(p: integrity.Problem, classes: int) -> str:
+    """Why a read refuses a sample, from its integrity problem (the words a bad-sample record carries)."""
+    if p.kind == "unreadable":
+        return str(p.expected)
+    if p.kind == "crc":
+        return (f"the video's CRC-32 is {p.found:08x}, {p.expected:08x} when it was sharded: its bytes "
+                "changed since")
+    if p.kind == "label":
+        return f"label {p.found} outside the manifest's {classes} classes"
+    return f"frame count {p.found}"
 
 
 class CodecError(ValueError):
@@ -257,31 +273,28 @@ class ShardSet:
                               index, key, shard, offset) from None
 
     def _read(self, index: int, t: int, comps: dict, key: str) -> Sample:
-        lo = min(off for off, _ in comps.values()) - tarfile.BLOCKSIZE   # the first member's header too
+        lo = min(off for off, _ in comps.values()) - integrity.BLOCK   # the first member's header too
         hi = max(off + size for off, size in comps.values())
         span = os.pread(self._fd(t), hi - lo, lo)
         if len(span) != hi - lo:
             raise OSError(f"short read ({len(span)} of {hi - lo} bytes): the shard is truncated")
-        for ext, (off, size) in comps.items():    # the index must point at this sample's own members
-            try:
-                head = tarfile.TarInfo.frombuf(span[off - lo - tarfile.BLOCKSIZE:off - lo], "utf-8", "surrogateescape")
-            except tarfile.HeaderError:
-                raise ValueError(f"the index puts {key}.{ext} at byte {off}, but no tar member starts there: the index "
-                                 "does not match the tar") from None
-            if head.size != size or not head.name.endswith("." + ext) or (key and shard_format.sample_key(head.name) != key):
-                raise ValueError(f"the index says {key}.{ext} ({size} bytes) at byte {off}, the tar has "
-                                 f"{head.name} ({head.size} bytes) there: the index does not match the tar")
-
-        def part(ext):
-            off, size = comps[ext]
-            return span[off - lo:off - lo + size]
-
-        video = np.frombuffer(part(shard_format.VIDEO_EXT), dtype=np.uint8)
-        meta = json.loads(part(shard_format.META_EXT)) if shard_format.META_EXT in comps else {}
-        crc = meta.get(shard_format.VIDEO_CRC_FIELD)
-        if crc is not None and zlib.crc32(video) != crc:
-            raise ValueError(f"the video's CRC-32 is {zlib.crc32(video):08x}, {crc:08x} when it was sharded: its bytes "
-                             "changed since")
+        headers = {ext: integrity.parse_header(span[off - lo - integrity.BLOCK:off - lo])
+                   for ext, (off, _) in comps.items()}
+        for p in integrity.sample_member_problems(comps, headers, key):   # the index must point at this sample's members
+            if p.kind != "member":
+                continue
+            if p.found is None:
+                raise ValueError(f"the index puts {key}.{p.ext} at byte {p.offset}, but no tar member starts there: the "
+                                 "index does not match the tar")
+            name, size = p.found
+            raise ValueError(f"the index says {key}.{p.ext} ({p.size} bytes) at byte {p.offset}, the tar has "
+                             f"{name} ({size} bytes) there: the index does not match the tar")
+        parts = {ext: span[off - lo:off - lo + size] for ext, (off, size) in comps.items()}
+        for p in integrity.sample_problems(parts, classes=len(self.classes)):
+            if p.kind in READ_REFUSES:
+                raise ValueError(_refusal(p, len(self.classes)))
+        video = np.frombuffer(parts[shard_format.VIDEO_EXT], dtype=np.uint8)
+        meta, _ = integrity.read_meta(parts)
         track = parse_mp4(video)
         if track is not None:
             codec, width, height = track.codec, track.width, track.height
@@ -291,12 +304,8 @@ class ShardSet:
             raise ValueError("not a parseable MP4 and its JSON record has no width/height: re-shard with "
                              "`python -m preprocess`")
         key = key or str(meta.get("key", f"sample{index}"))
-        label = shard_format.unpack_int32(part(shard_format.LABEL_EXT))
-        num_frames = shard_format.unpack_int32(part(shard_format.FRAMES_EXT))
-        if label < shard_format.UNLABELLED or (self.classes and label >= len(self.classes)):
-            raise ValueError(f"label {label} outside the manifest's {len(self.classes)} classes")
-        if num_frames <= 0:
-            raise ValueError(f"frame count {num_frames}")
+        label = shard_format.unpack_int32(parts[shard_format.LABEL_EXT])
+        num_frames = shard_format.unpack_int32(parts[shard_format.FRAMES_EXT])
         if track is not None and track.num_samples:      # never ask for frames the stream does not hold
             num_frames = min(num_frames, track.num_samples)
         return Sample(index=index, key=key, data=video, label=label, num_frames=num_frames,

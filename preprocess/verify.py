@@ -15,43 +15,21 @@ is wrong, 0 otherwise.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
 import sys
-import tarfile
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
-from . import shard_format as fmt
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tar_members(path: Path) -> dict[str, tuple[int, int]]:
-    """{member name: (data offset, size)} from the tar's own headers (stops at the first unreadable header)."""
-    out = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for m in tar:
-                out[m.name] = (m.offset_data, m.size)
-    except (tarfile.TarError, OSError, EOFError):
-        pass
-    return out
+from . import integrity, shard_format as fmt
 
 
 def check_structure(split_dir: Path, manifest: dict) -> tuple[list[dict], list[tuple[str, Path, int, dict]]]:
-    """(problems, samples to decode: (key, tar, shard number, {ext: (offset, size)}))."""
+    """(problems, samples to decode: (key, tar, shard number, {ext: (offset, size)})). The checks are
+    preprocess/integrity.py's, every tar header read; a sample whose index entries match no tar member is not decoded."""
     problems, samples = [], []
     for n, shard in enumerate(manifest["shards"]):
         tar = split_dir / shard["file"]
@@ -62,59 +40,62 @@ def check_structure(split_dir: Path, manifest: dict) -> tuple[list[dict], list[t
         if not tar.is_file() or not idx.is_file():
             problem(f"{'tar' if not tar.is_file() else 'index'} missing")
             continue
-        size = tar.stat().st_size
-        if shard.get("bytes") is not None and size != shard["bytes"]:
-            problem(f"tar is {size} bytes, the manifest says {shard['bytes']} (truncated or replaced copy)")
-        if shard.get("sha256") and sha256_file(tar) != shard["sha256"]:
-            problem("sha256 differs from the one recorded at sharding time (bytes changed in the copy)")
         try:
-            index = fmt.read_index(idx)
+            lines = fmt.parse_index(idx)
         except (ValueError, IndexError) as e:
+            for p in integrity.manifest_problems(tar, shard, checksum=True):
+                problem(SHARD_WORDS[p.kind](p))
             problem(f"index unreadable: {e}")
             continue
-        if shard.get("samples") is not None and len(index) != shard["samples"]:
-            problem(f"index lists {len(index)} samples, the manifest {shard['samples']}")
-        at = {off: (name, sz) for name, (off, sz) in tar_members(tar).items()}   # data offset -> member
-        for comps in index:
-            found = {ext: at.get(off) for ext, (off, _) in comps.items()}
-            key = next((fmt.sample_key(m[0]) for m in found.values() if m), None)
-            first = min(off for off, _ in comps.values()) if comps else None
-            lacking = [e for e in fmt.SAMPLE_EXTS if e not in comps]
-            if lacking:
-                problem(f"index lists no {lacking}", key, first)
-            bad = [f"{ext} at {off}+{sz}" for ext, (off, sz) in comps.items()
-                   if found[ext] is None or found[ext][1] != sz or not found[ext][0].endswith("." + ext)
-                   or off + sz > size]
-            if bad:
-                problem(f"index entries that match no tar member (offset or size wrong): {', '.join(bad)}", key, first)
-                continue
-            samples.append((key, tar, n, comps))
+        index = [comps for comps, _ in lines]
+        found = integrity.shard_problems(tar, index, shard, fmt.SAMPLE_EXTS, every_header=True, checksum=True)
+        by_sample: dict[int, list] = {}
+        for p in found:
+            if p.sample is None:
+                problem(SHARD_WORDS[p.kind](p))
+            else:
+                by_sample.setdefault(p.sample, []).append(p)
+        with open(tar, "rb") as f:
+            for j, (comps, key) in enumerate(lines):
+                key = key or header_key(f.fileno(), comps)
+                first = min(off for off, _ in comps.values()) if comps else None
+                mine = by_sample.get(j, [])
+                lacking = [p.expected for p in mine if p.kind == "lacking"]
+                if lacking:
+                    problem(f"index lists no {lacking[0]}", key, first)
+                bad = {p.ext for p in mine if p.kind in ("outside", "member")}
+                if bad:
+                    problem("index entries that match no tar member (offset or size wrong): " +
+                            ", ".join(f"{ext} at {off}+{sz}" for ext, (off, sz) in comps.items() if ext in bad), key, first)
+                    continue
+                samples.append((key, tar, n, comps))
     return problems, samples
 
 
+SHARD_WORDS = {   # verify's words for the problems of a tar against the manifest (integrity.manifest_problems)
+    "bytes": lambda p: f"tar is {p.found} bytes, the manifest says {p.expected} (truncated or replaced copy)",
+    "sha256": lambda p: "sha256 differs from the one recorded at sharding time (bytes changed in the copy)",
+    "count": lambda p: f"index lists {p.found} samples, the manifest {p.expected}",
+}
+
+
+def header_key(fd: int, comps: dict) -> str | None:
+    """The sample key from the tar headers of an index line's members (for an index without member names)."""
+    return next((integrity.member_key(h[0]) for h in integrity.read_headers(fd, comps).values() if h), None)
+
+
 def check_sample(job: tuple[str, str, dict, dict]) -> str | None:
-    """Decode one sample; None when it is whole, else what is wrong."""
+    """Decode one sample; None when it is whole, else what is wrong (the first integrity problem, else decoding)."""
     import av
     import numpy as np
     key, tar, comps, expected = job
     with open(tar, "rb") as f:
-        def read(ext):
-            off, size = comps[ext]
-            f.seek(off)
-            return f.read(size)
-        try:
-            label, frames = fmt.unpack_int32(read(fmt.LABEL_EXT)), fmt.unpack_int32(read(fmt.FRAMES_EXT))
-            meta = json.loads(read(fmt.META_EXT))
-        except (ValueError, UnicodeDecodeError) as e:
-            return f"lbl/nf/json unreadable: {e}"
-        data = read(fmt.VIDEO_EXT)
-    if expected and (label, frames) != (expected["label"], expected["frames"]):
-        return f"label/frames {label}/{frames}, the manifest says {expected['label']}/{expected['frames']}"
-    if meta.get("frames") != frames:
-        return f"json says {meta.get('frames')} frames, nf says {frames}"
-    crc = meta.get(fmt.VIDEO_CRC_FIELD)
-    if crc is not None and zlib.crc32(data) != crc:
-        return f"video bytes changed since sharding (CRC-32 {zlib.crc32(data):08x}, recorded {crc:08x})"
+        parts = integrity.read_parts(f.fileno(), comps)
+    found = integrity.sample_problems(parts, expected)
+    if found:
+        return sample_words(found[0], parts, expected)
+    frames = fmt.unpack_int32(parts[fmt.FRAMES_EXT])
+    data = parts[fmt.VIDEO_EXT]
     import io
     try:
         decoded = 0
@@ -130,6 +111,23 @@ def check_sample(job: tuple[str, str, dict, dict]) -> str | None:
     if decoded != frames:
         return f"video decodes to {decoded} frames, nf says {frames} (cut short or damaged)"
     return None
+
+
+def sample_words(p: integrity.Problem, parts: dict, expected: dict | None) -> str:
+    """verify's words for a sample's first integrity problem (integrity.sample_problems)."""
+    if p.kind == "unreadable":
+        return f"lbl/nf/json unreadable: {p.expected}"
+    if p.kind == "record":
+        label, frames = fmt.unpack_int32(parts[fmt.LABEL_EXT]), fmt.unpack_int32(parts[fmt.FRAMES_EXT])
+        return f"label/frames {label}/{frames}, the manifest says {expected['label']}/{expected['frames']}"
+    if p.kind == "json":
+        return (f"json says {p.expected} frames, nf says {p.found}" if p.ext == fmt.FRAMES_EXT else
+                f"json says label {p.expected}, lbl says {p.found}")
+    if p.kind == "crc":
+        return f"video bytes changed since sharding (CRC-32 {p.found:08x}, recorded {p.expected:08x})"
+    if p.kind == "label":
+        return f"label {p.found} is not a class index"
+    return f"nf says {p.found} frames"
 
 
 def verify_split(split_dir: Path, fraction: float, workers: int, seed: int, progress: bool) -> dict:

@@ -302,7 +302,7 @@ class DoctorBase:
             return self._cache["samples"]
         import numpy as np
         from pipeline.container import parse_mp4
-        from preprocess import shard_format as fmt
+        from preprocess import integrity, shard_format as fmt
         s = self._shards()
         manifest, tars, indexes = s["manifest"], s["tars"], s["indexes"]
         records = {r.get("key"): r for r in manifest.get("samples") or [] if isinstance(r, dict)}
@@ -313,37 +313,36 @@ class DoctorBase:
             where = f"{tar.name} sample {j}"
             fd = os.open(tar, os.O_RDONLY)
             try:
-                keys = set()
-                for ext, (off, size) in comps.items():
-                    hdr = _tar_header(fd, off)
-                    if hdr is None or not hdr[0].endswith("." + ext) or hdr[1] != size:
-                        problems.append(f"{where}: the index's {ext} offset {off} does not point at its tar member "
-                                        f"(found {'no tar header' if hdr is None else repr(hdr[0]) + f', {hdr[1]} bytes'})")
-                    else:
-                        keys.add(fmt.sample_key(hdr[0]).rsplit("/", 1)[-1])
+                headers = integrity.read_headers(fd, comps)
                 lo = min(o for o, _ in comps.values())
                 hi = max(o + z for o, z in comps.values())
                 span = os.pread(fd, hi - lo, lo)
             finally:
                 os.close(fd)
-            if len(keys) > 1:
-                problems.append(f"{where}: its members belong to different samples {sorted(keys)}")
+            found = integrity.sample_member_problems(comps, headers)
+            for p in found:
+                if p.kind == "member":
+                    what = "no tar header" if p.found is None else f"{p.found[0]!r}, {p.found[1]} bytes"
+                    problems.append(f"{where}: the index's {p.ext} offset {p.offset} does not point at its tar member "
+                                    f"(found {what})")
+                else:
+                    problems.append(f"{where}: its members belong to different samples {p.found}")
+            bad = {p.ext for p in found}
+            keys = {integrity.member_key(headers[e][0]) for e in comps if e not in bad}
             part = {ext: span[o - lo:o - lo + z] for ext, (o, z) in comps.items()}
             info = {"shard": t, "pos": j, "key": next(iter(keys)) if len(keys) == 1 else "", "bytes": hi - lo,
                     "tar": str(tar), "lo": lo, "hi": hi}
-            try:
-                info["label"] = fmt.unpack_int32(part[fmt.LABEL_EXT])
-                info["nf"] = fmt.unpack_int32(part[fmt.FRAMES_EXT])
-            except (KeyError, ValueError) as e:
-                problems.append(f"{where}: lbl/nf unreadable ({e})")
+            rec = records.get(info["key"])
+            found = integrity.sample_problems(part, rec, n_classes)
+            unreadable = [p for p in found if p.kind == "unreadable" and p.ext != fmt.META_EXT]
+            if unreadable:
+                problems.append(f"{where}: lbl/nf unreadable ({unreadable[0].expected})")
                 infos.append(info)
                 continue
-            meta = {}
-            if fmt.META_EXT in part:
-                try:
-                    meta = json.loads(part[fmt.META_EXT])
-                except ValueError as e:
-                    problems.append(f"{where}: its JSON record does not parse ({e})")
+            info["label"] = fmt.unpack_int32(part[fmt.LABEL_EXT])
+            info["nf"] = fmt.unpack_int32(part[fmt.FRAMES_EXT])
+            problems += [_sample_problem(p, where, n_classes) for p in found]
+            meta, _ = integrity.read_meta(part)
             try:
                 track = parse_mp4(np.frombuffer(part[fmt.VIDEO_EXT], dtype=np.uint8)) if fmt.VIDEO_EXT in part else None
             except Exception as e:
@@ -352,28 +351,15 @@ class DoctorBase:
             info.update(codec=track.codec if track else "", width=track.width if track else meta.get("width"),
                         height=track.height if track else meta.get("height"),
                         stream_frames=track.num_samples if track else None)
-            if "label" in meta and meta["label"] != info["label"]:
-                problems.append(f"{where}: lbl {info['label']} but the JSON record says label {meta['label']}")
-            if "frames" in meta and meta["frames"] != info["nf"]:
-                problems.append(f"{where}: nf {info['nf']} but the JSON record says {meta['frames']} frames")
             if track is not None and track.num_samples and track.num_samples < info["nf"]:
                 problems.append(f"{where}: nf {info['nf']} but the MP4 holds {track.num_samples} frames")
             if track is not None and meta.get("width") and (meta["width"], meta["height"]) != (track.width, track.height):
                 problems.append(f"{where}: JSON says {meta['width']}x{meta['height']}, the MP4 is "
                                 f"{track.width}x{track.height}")
-            if n_classes and not -1 <= info["label"] < n_classes:
-                problems.append(f"{where}: label {info['label']} outside the manifest's {n_classes} classes")
-            rec = records.get(info["key"])
-            if records and info["key"]:
-                if rec is None:
-                    problems.append(f"{where}: key {info['key']!r} is not in the manifest")
-                else:
-                    if rec.get("shard", t) != t:
-                        problems.append(f"{where}: the manifest puts {info['key']!r} in shard {rec['shard']}")
-                    if rec.get("label", info["label"]) != info["label"]:
-                        problems.append(f"{where}: lbl {info['label']}, the manifest says {rec['label']}")
-                    if rec.get("frames", info["nf"]) != info["nf"]:
-                        problems.append(f"{where}: nf {info['nf']}, the manifest says {rec['frames']}")
+            if records and info["key"] and rec is None:
+                problems.append(f"{where}: key {info['key']!r} is not in the manifest")
+            if rec is not None and rec.get("shard", t) != t:
+                problems.append(f"{where}: the manifest puts {info['key']!r} in shard {rec['shard']}")
             infos.append(info)
         value = {"infos": infos, "problems": problems}
         self._cache["samples"] = value
@@ -460,34 +446,6 @@ class DoctorBase:
 # --------------------------------------------------------------------------------------------- small helpers
 
 
-def _tar_header(fd: int, data_offset: int) -> tuple[str, int] | None:
-    """(member name, size) of the tar header right before `data_offset`, or None when there is none."""
-    if data_offset < 512:
-        return None
-    h = os.pread(fd, 512, data_offset - 512)
-    if len(h) != 512:
-        return None
-    try:
-        want = int(h[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
-    except ValueError:
-        return None
-    if sum(h[:148]) + 8 * 32 + sum(h[156:]) != want:
-        return None
-    name = h[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-    if h[257:262] == b"ustar":
-        prefix = h[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-        if prefix:
-            name = f"{prefix}/{name}"
-    if h[124] & 0x80:
-        size = int.from_bytes(h[125:136], "big")
-    else:
-        try:
-            size = int(h[124:136].replace(b"\0", b" ").strip() or b"0", 8)
-        except ValueError:
-            return None
-    return name, size
-
-
 def _driver_version() -> str | None:
     try:
         text = Path("/proc/driver/nvidia/version").read_text()
@@ -519,3 +477,20 @@ def _mem_available() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _sample_problem(p, where: str, n_classes: int) -> str:
+    """data.samples' words for an integrity problem of a sample against its records (preprocess/integrity.py)."""
+    field = "lbl" if p.ext == "lbl" else "nf"
+    if p.kind == "unreadable":
+        return f"{where}: its JSON record does not parse ({p.expected})"
+    if p.kind == "json":
+        return (f"{where}: lbl {p.found} but the JSON record says label {p.expected}" if field == "lbl" else
+                f"{where}: nf {p.found} but the JSON record says {p.expected} frames")
+    if p.kind == "record":
+        return f"{where}: {field} {p.found}, the manifest says {p.expected}"
+    if p.kind == "label":
+        return f"{where}: label {p.found} outside the manifest's {n_classes} classes"
+    if p.kind == "crc":
+        return f"{where}: the video's CRC-32 is {p.found:08x}, {p.expected:08x} when it was sharded (bytes changed since)"
+    return f"{where}: frame count {p.found}"

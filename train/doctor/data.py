@@ -5,58 +5,24 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .core import PASS, WARN, ASSUMED_GPU_VIDEOS_PER_S, Fail, Result, _tar_header
+from .core import PASS, WARN, ASSUMED_GPU_VIDEOS_PER_S, Fail, Result
 
 
 class DataChecks:
     def check_data_shards(self) -> Result:
         s = self._shards()
         manifest, tars, indexes = s["manifest"], s["tars"], s["indexes"]
-        from preprocess import shard_format as fmt
+        from preprocess import integrity, shard_format as fmt
         need = (fmt.VIDEO_EXT, fmt.LABEL_EXT, fmt.FRAMES_EXT)
         problems, headers_read = [], 0
         total = 0
         for shard, tar, index in zip(manifest["shards"], tars, indexes):
             total += len(index)
-            where = tar.name
-            if "samples" in shard and shard["samples"] != len(index):
-                problems.append(f"{fmt.index_path(tar).name} lists {len(index)} samples, the manifest {shard['samples']}")
-            size = tar.stat().st_size
-            if shard.get("bytes") and shard["bytes"] != size:
-                problems.append(f"{where} is {size} bytes, the manifest says {shard['bytes']} (truncated or "
-                                "replaced copy?)")
-            members = []
-            for j, comps in enumerate(index):
-                lacking = [e for e in need if e not in comps]
-                if lacking:
-                    problems.append(f"{where} sample {j} has no {lacking} in its index")
-                for ext, (off, sz) in comps.items():
-                    if off < 512 or off + sz > size:
-                        problems.append(f"{where} sample {j}: {ext} at {off}+{sz} lies outside the {size}-byte tar")
-                    members.append((off, sz, ext, j))
-            members.sort()
-            # a tar stores each member as a 512-byte header + data padded to 512: where the index describes
-            # exactly that layout the offsets are consistent; wherever it does not, read the header there
-            fd = os.open(tar, os.O_RDONLY)
-            try:
-                verify = set()
-                for k, (off, sz, ext, j) in enumerate(members):
-                    if k == 0:
-                        verify.add(k)
-                    else:
-                        poff, psz = members[k - 1][:2]
-                        if off != poff + -(-psz // 512) * 512 + 512:
-                            verify |= {k - 1, k}
-                for k in sorted(verify):
-                    off, sz, ext, j = members[k]
-                    hdr = _tar_header(fd, off)
-                    headers_read += 1
-                    if hdr is None or not hdr[0].endswith("." + ext) or hdr[1] != sz:
-                        found = "no tar header" if hdr is None else f"member {hdr[0]!r} of {hdr[1]} bytes"
-                        problems.append(f"{fmt.index_path(tar).name}: sample {j}'s {ext} at offset {off} does not "
-                                        f"point at its tar member (found {found})")
-            finally:
-                os.close(fd)
+            # a tar header is read only where the index leaves the tar's own layout (integrity.headers_to_read)
+            headers_read += len(integrity.headers_to_read(index, every=False))
+            found = integrity.shard_problems(tar, index, shard, need, every_header=False)
+            for p in sorted(found, key=lambda p: p.kind != "count"):      # the count first, then in the tar's order
+                problems.append(_shard_problem(p, tar))
         if manifest.get("num_samples") not in (None, total):
             problems.append(f"the indexes hold {total} samples, the manifest says {manifest['num_samples']}")
         m = {"shards": len(tars), "samples": total, "headers_read": headers_read, "problems": problems[:20]}
@@ -142,3 +108,19 @@ class DataChecks:
         return 1.0, "assumed 1 video/s on a CPU (no train.step measured)"
 
     # ------------------------------------------------------------------ decode
+
+
+def _shard_problem(p, tar) -> str:
+    """data.shards' words for an integrity problem of ``tar`` against its index and the manifest."""
+    from preprocess import shard_format as fmt
+    idx, where = fmt.index_path(tar).name, tar.name
+    if p.kind == "count":
+        return f"{idx} lists {p.found} samples, the manifest {p.expected}"
+    if p.kind == "bytes":
+        return f"{where} is {p.found} bytes, the manifest says {p.expected} (truncated or replaced copy?)"
+    if p.kind == "lacking":
+        return f"{where} sample {p.sample} has no {p.expected} in its index"
+    if p.kind == "outside":
+        return f"{where} sample {p.sample}: {p.ext} at {p.offset}+{p.size} lies outside the {p.expected}-byte tar"
+    found = "no tar header" if p.found is None else f"member {p.found[0]!r} of {p.found[1]} bytes"
+    return f"{idx}: sample {p.sample}'s {p.ext} at offset {p.offset} does not point at its tar member (found {found})"
