@@ -6,19 +6,20 @@ from pathlib import Path
 
 import torch
 
-from train.recipe import precision_context
+from train.distributed import Dist
+from train.recipe import precision_context, train_step
 
 
 def timed_steps(model, opt, batches, steps: int, precision: str, device) -> float:
-    """Seconds per optimiser step over `steps` steps after one warm-up step; `batches` yields batch dicts."""
+    """Seconds per optimiser step over `steps` steps after one warm-up step; `batches` yields batch dicts. The step
+    is the trainer's own (train/recipe.py train_step: the non-finite guard, the objective's after-backward hook,
+    the gradient check, the update), so what is timed is what a run does."""
     amp = precision_context(precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    one_process = Dist(device=device)
 
     def one(batch):
-        with amp:
-            loss = model(batch)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, batch, opt, scaler, amp, one_process)
 
     it = iter(batches)
     one(next(it))

@@ -66,10 +66,9 @@ def main() -> None:
                 model = build_objective(name, backbone=a.backbone, K=a.queue).to(device).train()
             if cl:
                 model = model.to(memory_format=torch.channels_last_3d)
-            if comp:
-                model.encoder_q.compile()
-                if hasattr(model, "encoder_k"):          # the multi-level model has no key encoder
-                    model.encoder_k.compile()
+            if comp:                                     # what the trainer compiles (train/recipe.py wrap)
+                for module in model.compile_targets():
+                    module.compile()
             crop = ml_crop if name == "multilevel" else a.crop
             batch = synthetic_batch(model.required_inputs, a.batch, a.frames, crop, device)
             if cl:

@@ -5,15 +5,16 @@
 
 One random window per video per epoch (random-resized crop, flip, grayscale / colour jitter), SGD (or Adam)
 with the lr multiplied by lr_decay at each milestone epoch, bf16 autocast on a GPU (fp32 on a CPU),
-channels_last_3d, SyncBatchNorm across GPUs. A checkpoint after every epoch (and on SIGTERM / SIGUSR1, exit 75)
-in OUT/checkpoints; ``--resume auto`` continues the same sample stream. The test after the last epoch
+channels_last_3d, SyncBatchNorm across GPUs. The steps run in pretraining's loop (train/loop.py; fine-tuning is
+the objective ``FineTuning``): the same non-finite guard, logging (one window per epoch), pre-emption and resume.
+A checkpoint after every epoch (and on SIGTERM / SIGUSR1, exit 75) in OUT/checkpoints; ``--resume auto``
+continues the same sample stream. The test after the last epoch
 averages the per-clip softmax (or logits) of ``test_clips`` uniform clips x centre crop per video and reports
 top-1 / top-5 of that last epoch (never a best test epoch).
 """
 from __future__ import annotations
 
 import signal
-import time
 
 import torch
 import torch.nn as nn
@@ -22,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import Classifier
 from pipeline import eval_loader
-from train import distributed as D
-from train.checkpoint import CheckpointManager, PreemptionFlag, ResumeError, restore, resume_from, snapshot
-from train.run_log import RunLog
+from train.checkpoint import CheckpointManager, ResumeError, restore, resume_from, snapshot
+from train.loop import Cadence, Loop, TrainingError
 from train.recipe import build_optimizer
+from train.run_log import RunLog
 
 from . import metrics
 from .backbone import EvalError
@@ -52,6 +53,29 @@ class FineTuner(nn.Module):
         return self.head(self.backbone(x))
 
 
+class FineTuning(nn.Module):
+    """Fine-tuning as an objective, for the shared loop (train/loop.py): the classifier's cross-entropy on labelled
+    clips. It holds the FineTuner (whose state_dict checkpoints keep, under the same keys as before the loop was
+    shared) and adds no parameters."""
+
+    required_inputs = ("video", "label")
+
+    def __init__(self, net: FineTuner):
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.net(batch["video"])                                  # [B, K]
+        return {"loss": F.cross_entropy(logits.float(), batch["label"]),
+                "clip_top1": (logits.argmax(1) == batch["label"]).float().mean()}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing depends on the epoch (the loader reshuffles by itself)."""
+
+    def after_backward(self) -> None:
+        """Every parameter trains."""
+
+
 def lr_at_epoch(epoch: int, base: float, milestones: list[int], decay: float) -> float:
     return base * decay ** sum(epoch >= m for m in milestones)
 
@@ -66,35 +90,36 @@ def run(ctx: Context) -> int:
 
     # --- model, optimiser ----------------------------------------------------------------------------------
     torch.manual_seed(s["seed"])                                   # the same head init on every rank
-    model = FineTuner(ctx.backbone, num_classes, s["dropout"]).to(d.device)
+    raw = FineTuner(ctx.backbone, num_classes, s["dropout"]).to(d.device)   # what checkpoints hold
     if rt.use_cuda:
-        model = model.to(memory_format=torch.channels_last_3d)
+        raw = raw.to(memory_format=torch.channels_last_3d)
         if d.enabled:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for p in model.parameters():
+            raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    for p in raw.parameters():
         p.requires_grad_(True)
     scale = s["batch_size"] / s["lr_batch"] if s["lr_batch"] and s["optimizer"] == "sgd" else 1.0
     base_lr = s["lr"] * scale
-    groups = [{"params": list(model.backbone.parameters()), "mult": s["backbone_lr_mult"]},
-              {"params": list(model.head.parameters()), "mult": 1.0}]
+    groups = [{"params": list(raw.backbone.parameters()), "mult": s["backbone_lr_mult"]},
+              {"params": list(raw.head.parameters()), "mult": 1.0}]
     opt = build_optimizer(s, groups, base_lr)                      # the trainer's: SGD with momentum, or Adam
     milestones = parse_ints(s["milestones"])
-    raw = model
+    model = FineTuning(raw)
     if d.enabled:
         model = DDP(model, device_ids=[d.local_rank] if rt.use_cuda else None)
 
     # --- data ----------------------------------------------------------------------------------------------
     loader = eval_loader(train_split.dir, "train", batch_size=per_rank, config=train_config(s),
-                         outputs=("video", "label"), seed=s["seed"], rank=d.rank, world_size=d.world_size,
+                         outputs=FineTuning.required_inputs, seed=s["seed"], rank=d.rank, world_size=d.world_size,
                          backend=rt.backend, device_id=d.local_rank if rt.backend == "gpu" else None,
                          num_threads=rt.num_threads)
     steps_per_epoch = len(loader)
+    total_steps = s["epochs"] * steps_per_epoch
 
     # --- resume --------------------------------------------------------------------------------------------
     ckpts = CheckpointManager(ctx.out / "checkpoints", keep=2, is_main=d.is_main)
     identity = {"backbone": ctx.info["backbone"], "init_sha256": ctx.info["sha256"],
                 "train_manifest": train_split.manifest_sha, "test_manifest": test_split.manifest_sha}
-    step, start_epoch, history = 0, 0, []
+    step, history = 0, []
     parts = {"model": raw, "optimizer": opt, "loader": loader}       # what a checkpoint restores
     identity |= {k: s[k] for k in RESUME_KEYS}
     try:   # the settings part of older checkpoints' identity lives in their config
@@ -106,20 +131,32 @@ def run(ctx: Context) -> int:
     if found:
         state, path = found
         restore(state, parts, d.rank)
-        step, start_epoch = state["step"], loader.epoch
+        step = state["step"]
         history = list(state.get("history", []))
         if d.is_main:
             print(f"resumed from {path} at step {step} (epoch {loader.epoch}, batch {loader.step})")
     else:
         torch.manual_seed(s["seed"] * 1000 + d.rank + 1)              # per-rank dropout stream
 
-    def save() -> None:
-        ckpts.save(snapshot(parts, d, step=step, epoch=loader.epoch, identity=identity, history=history,
+    def save(step: int) -> None:
+        ckpts.save(snapshot(parts, d, step=step, epoch=step // steps_per_epoch, identity=identity, history=history,
                             config={**s, "backbone": ctx.info["backbone"], "backbone_width": ctx.info["backbone_width"],
                                     "num_classes": num_classes, "classes": train_split.classes}), step)
 
-    # --- the loop ------------------------------------------------------------------------------------------
-    total_steps = s["epochs"] * steps_per_epoch
+    def epoch_done(step: int, scalars: dict) -> None:
+        """The per-epoch history kept in checkpoints and results (logged every epoch: one window per epoch)."""
+        if step % steps_per_epoch == 0:
+            history.append({"epoch": step // steps_per_epoch, "train_loss": scalars["loss/loss"],
+                            "train_clip_top1": scalars["metric/clip_top1"], "lr": scalars["lr"],
+                            "videos_per_s": scalars["videos_per_s"], "data_wait_fraction": scalars["data_wait_fraction"]})
+
+    def test_monitor(step: int) -> None:
+        """Monitoring only, every eval_every epochs: the result is the last epoch's test, below."""
+        if step < total_steps:
+            top, _ = _test(raw, ctx)
+            metrics_log.log(step, {"finetune/test_top1_monitor": top[1]})
+
+    # --- the loop (train/loop.py, shared with pretraining): lr per epoch, a checkpoint and a log line per epoch --
     metrics_log = RunLog(ctx.out, total_steps, step, enabled=d.is_main, progress=rt.progress)
     if d.is_main:
         metrics_log.print(f"fine-tune {ctx.info['backbone']} ({ctx.info['source']}): {train_split.num_videos} videos, "
@@ -127,52 +164,24 @@ def run(ctx: Context) -> int:
                           f"batch {s['batch_size']} on {d.world_size} {'GPU' if rt.use_cuda else 'CPU'} process(es), "
                           f"{s['optimizer']} lr {base_lr:.4g} (x{s['lr_decay']} at {milestones}), dropout "
                           f"{s['dropout']}, {rt.precision}")
+    loop = Loop(model, loader, opt, torch.amp.GradScaler(d.device.type, enabled=False), rt.amp(), d, metrics_log,
+                lr_at=lambda step: lr_at_epoch(step // steps_per_epoch, base_lr, milestones, s["lr_decay"]),
+                cadence=Cadence(log_every=steps_per_epoch, ckpt_every=steps_per_epoch,
+                                eval_every=s["eval_every"] * steps_per_epoch),
+                save=save, global_batch=s["batch_size"], evaluate=test_monitor if s["eval_every"] else None,
+                on_log=epoch_done)
     old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    preempted = PreemptionFlag()
     try:
-        for epoch in range(start_epoch, s["epochs"]):
-            loader.set_epoch(epoch)
-            lr = lr_at_epoch(epoch, base_lr, milestones, s["lr_decay"])
-            for g in opt.param_groups:
-                g["lr"] = lr * g["mult"]
-            model.train()
-            sums, t_epoch, wait, t_ready = {"loss": 0.0, "correct": 0, "n": 0}, time.perf_counter(), 0.0, time.perf_counter()
-            for batch in loader:
-                wait += time.perf_counter() - t_ready
-                with rt.amp():
-                    logits = model(batch["video"])
-                loss = F.cross_entropy(logits.float(), batch["label"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                sums["loss"] += float(loss.detach()) * len(logits)
-                sums["correct"] += int((logits.argmax(1) == batch["label"]).sum())
-                sums["n"] += len(logits)
-                metrics_log.step(postfix={"loss": float(loss.detach()), "lr": lr})
-                if D.any_rank(bool(preempted), d):
-                    save()
-                    metrics_log.print(f"pre-empted (signal {preempted.signum or 'on another rank'}): checkpoint at "
-                                      f"step {step} saved in {ckpts.folder}; resume with the same command")
-                    return PreemptionFlag.EXIT_PREEMPTED
-                t_ready = time.perf_counter()
-            seconds = time.perf_counter() - t_epoch
-            scalars = D.mean_over_ranks({"finetune/train_loss": sums["loss"] / max(sums["n"], 1),
-                                         "finetune/train_clip_top1": sums["correct"] / max(sums["n"], 1)}, d)
-            scalars |= {"finetune/lr": lr, "finetune/videos_per_s": steps_per_epoch * s["batch_size"] / seconds,
-                        "finetune/data_wait_fraction": wait / seconds}
-            metrics_log.log(epoch + 1, scalars)
-            history.append({"epoch": epoch + 1, **{k.split("/")[1]: v for k, v in scalars.items()}})
-            save()
-            last = epoch + 1 == s["epochs"]
-            if s["eval_every"] and (epoch + 1) % s["eval_every"] == 0 and not last:
-                top, _ = _test(raw, ctx)                         # monitoring only: the result is the last epoch's
-                metrics_log.log(epoch + 1, {"finetune/test_top1_monitor": top[1]})
+        step, code = loop.run(step, total_steps)
+    except TrainingError as e:
+        raise EvalError(str(e)) from None
     finally:
         metrics_log.close()
         loader.close()
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
+    if code:
+        return code
 
     # --- the test: last epoch ------------------------------------------------------------------------------
     top, info = _test(raw, ctx)

@@ -70,6 +70,25 @@ class MoCo(Objective):
             p.requires_grad_(False)
         self.queue = KeyQueue(K, dim)
 
+    def run_warnings(self, *, global_batch: int, steps_per_epoch: int, total_steps: int, num_videos: int) -> list[str]:
+        """Queue and EMA settings against the run's length (config keys queue_size and momentum_ema)."""
+        warnings = []
+        # the queue takes 2 keys per video per step; one that outlives an epoch holds each video's own earlier
+        # keys as negatives (on a small dataset that stalls the instance task)
+        span = self.queue.K / (2 * global_batch)
+        if span >= steps_per_epoch:
+            fit = max(2 * global_batch, 2 * global_batch * (steps_per_epoch // 8))
+            warnings.append(f"queue_size {self.queue.K} holds the keys of the last {span:.0f} steps, more than an "
+                            f"epoch ({steps_per_epoch} steps of {num_videos} videos): every video's own earlier keys "
+                            f"are among its negatives. The UCF101 recipe's queue spans ~1/8 of an epoch (2240 keys, "
+                            f"9537 videos); consider queue_size={fit}")
+        kept = self.m ** total_steps          # share of the key encoder's initial weights left at the end
+        if kept > 0.5:
+            warnings.append(f"with momentum_ema {self.m} over {total_steps} steps the key encoder keeps {kept:.0%} of "
+                            f"its random initial weights; a short run wants a lower momentum (e.g. "
+                            f"momentum_ema={max(0.0, min(0.99, 1 - 5 / total_steps)):.3g})")
+        return warnings
+
     # --- momentum encoder -------------------------------------------------------------------------
     def _query_params(self):
         return [*self.encoder_q.parameters(), *self.projector_q.parameters()]

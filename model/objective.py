@@ -20,3 +20,8 @@ class Objective(nn.Module):
 
     def after_backward(self) -> None:
         """Called between backward and the optimiser step (e.g. to drop gradients of frozen parts)."""
+
+    def run_warnings(self, *, global_batch: int, steps_per_epoch: int, total_steps: int, num_videos: int) -> list[str]:
+        """What this objective's settings mean for a run of this size, said before it starts (the trainer prints
+        them as warnings): e.g. a queue that outlives an epoch. Empty by default."""
+        return []

@@ -190,6 +190,34 @@ def test_export_writes_safetensors_and_a_model_card_that_checkpoint_accepts_back
         load_backbone(out)
 
 
+def test_finetune_skips_a_non_finite_step_as_pretraining_does(synthetic_shards, tmp_path):
+    """Fine-tuning steps through the trainer's loop (train/loop.py): a NaN loss at one step skips that update on
+    every rank with the trainer's message, the run goes on and ends with finite weights; five in a row would stop
+    it with a checkpoint, as in pretraining."""
+    out = tmp_path / "ft"
+    args = ["finetune", "--random-init", "--backbone-width", "0.25", "--data", str(synthetic_shards), "--out",
+            str(out), "--epochs", "1", *FAST]
+    inject = (
+        "import sys, torch\n"
+        "import evaluate.finetune as ft\n"
+        "real, calls = ft.FineTuning.forward, []\n"
+        "def forward(self, batch):\n"
+        "    out = real(self, batch)\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        out['loss'] = out['loss'] * float('nan')\n"
+        "    return out\n"
+        "ft.FineTuning.forward = forward\n"
+        "from evaluate.cli import main\n"
+        f"sys.exit(main({args!r}))\n")
+    r = subprocess.run([sys.executable, "-c", inject], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 1: non-finite loss or gradient (loss nan), update skipped (1 in a row)" in r.stdout, r.stdout[-2000:]
+    state = torch.load(results(out)["result"]["checkpoint"], weights_only=True)
+    assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert np.isnan(results(out)["result"]["history"][0]["train_loss"])   # the window's mean shows the bad step
+
+
 def test_finetune_end_to_end_then_resume(synthetic_shards, ckpt, tmp_path, capsys):
     out = tmp_path / "ft"
     args = ["finetune", "--checkpoint", str(ckpt), "--data", str(synthetic_shards), "--out", str(out), *FAST]

@@ -198,3 +198,36 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(synthetic_s
     assert ref.returncode == 0
     a, b = state(out), state(tmp_path / "ref")
     assert a["step"] == b["step"] == 4 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_finetuning_killed_anywhere_resumes_bit_identically(synthetic_shards, tmp_path):
+    """Fine-tuning runs the same loop (train/loop.py): killed at seeded points of its progress (SIGKILL, mid-epoch
+    or inside a checkpoint write) and rerun, it ends with the weights, optimiser state, RNG, per-epoch history and
+    test result of the uninterrupted run. Its checkpoints come once per epoch, so a kill mid-epoch redoes that
+    epoch's steps from the epoch's start: the same samples, augmentations and dropout masks."""
+    cmd = [sys.executable, "-m", "evaluate", "finetune", "--random-init", "--backbone", "i3d", "--backbone-width",
+           "0.25", "--data", str(synthetic_shards), "--frames", "8", "--crop", "32", "--test-clips", "1",
+           "--batch-size", "4", "--epochs", "3", "--milestones", "2", "--num-threads", "1", "--no-progress"]
+    full = timed([*cmd, "--out", str(tmp_path / "ref")])
+    ref, ref_result = state(tmp_path / "ref"), json.loads((tmp_path / "ref" / "results.json").read_text())["result"]
+    rng = random.Random(SEED + 2)
+    for point in range(POINTS):
+        out = tmp_path / f"cut{point}"
+        after = rng.randint(0, 2)                  # epochs checkpointed before the kill may land
+        killed = kill_when([*cmd, "--out", str(out)], lambda: latest_step(out) >= 6 * after,
+                           rng.uniform(0.0, 1.0) * full / 6)
+        assert killed and not (out / "results.json").exists(), (point, after)   # the kill landed mid-run
+        r = subprocess.run([*cmd, "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 0, (point, r.stderr[-2000:])
+        got = state(out)
+        assert got["step"] == ref["step"] == 18 and got["epoch"] == 3 and got["loader"] == ref["loader"]
+        for k in ref["model"]:
+            assert torch.equal(ref["model"][k], got["model"][k]), (point, k)
+        for a, b in zip(ref["optimizer"]["state"].values(), got["optimizer"]["state"].values()):
+            assert all(torch.equal(a[k], b[k]) for k in a), point
+        assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(ref["rng"], got["rng"]))
+        result = json.loads((out / "results.json").read_text())["result"]
+        assert result["top1"] == ref_result["top1"] and result["clip_top1"] == ref_result["clip_top1"]
+        keep = ("epoch", "train_loss", "train_clip_top1", "lr")     # the rest are timings
+        assert [{k: h[k] for k in keep} for h in result["history"]] == [{k: h[k] for k in keep}
+                                                                        for h in ref_result["history"]], point
