@@ -61,9 +61,9 @@ def main() -> None:
             torch.manual_seed(0)
             if name == "multilevel":   # the heaviest step: graph heads (epoch >= split) and the prototype queue on
                 model = build_objective(name, backbone="r3d18_ml").to(device).train()
-                model.set_epoch(max(model.split, model.queue_start))
+                model.set_epoch(max(model.split, model.proto_queue_start))
             else:
-                model = build_objective(name, backbone=a.backbone, K=a.queue).to(device).train()
+                model = build_objective(name, backbone=a.backbone, queue_size=a.queue).to(device).train()
             if cl:
                 model = model.to(memory_format=torch.channels_last_3d)
             if comp:                                     # what the trainer compiles (train/recipe.py wrap)

@@ -26,7 +26,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {"moco": MoCo, "fame": FAME, "fima": FI
 
 
 def build_objective(name: str, **kwargs) -> nn.Module:
-    """build_objective("fima", backbone="i3d", K=2240, ...): keyword arguments go to the class."""
+    """build_objective("fima", backbone="i3d", queue_size=2240, ...): keyword arguments go to the class."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
     return OBJECTIVES[name](**kwargs)

@@ -35,9 +35,9 @@ from .queue import KeyQueue
 
 
 class FIMA(MoCo):
-    """Hyper-parameters as in the reference: K instance and motion queue length (65,536 K400, 2,240
-    UCF101), dense_K dense queue length (0 = none, as for UCF101; 31,360 for K400), m 0.999, T 0.1,
-    dense_T 0.1, dense_weight 1, pos_ratio 0.7, decoder d_model 512, 4 heads, FFN 512, 2 layers, dropout 0.1.
+    """Hyper-parameters as in the reference: queue_size, the instance and motion queues' length (65,536 K400, 2,240
+    UCF101), dense_queue_size (0 = none, as for UCF101; 31,360 for K400), momentum_ema 0.999, temperature 0.1,
+    dense_temperature 0.1, dense_weight 1, pos_ratio 0.7, decoder d_model 512, 4 heads, FFN 512, 2 layers, dropout 0.1.
     """
 
     required_inputs: tuple[str, ...] = (
@@ -45,23 +45,25 @@ class FIMA(MoCo):
     )
 
     def __init__(
-        self, backbone: str | Callable[[], nn.Module] = "i3d", *, dim: int = 128, K: int = 65536, dense_K: int = 0,
-        m: float = 0.999, T: float = 0.1, dense_T: float = 0.1, dense_weight: float = 1.0, pos_ratio: float = 0.7,
+        self, backbone: str | Callable[[], nn.Module] = "i3d", *, dim: int = 128, queue_size: int = 65536,
+        dense_queue_size: int = 0, momentum_ema: float = 0.999, temperature: float = 0.1,
+        dense_temperature: float = 0.1, dense_weight: float = 1.0, pos_ratio: float = 0.7,
         dense_coords: str = "normalized", d_model: int = 512, heads: int = 4, ffn_dim: int = 512,
         decoder_layers: int = 2, dropout: float = 0.1, self_negative_bug: bool = False, bn_groups: int = 1,
         batch_negatives: bool = False, backbone_kwargs: dict | None = None,
     ):
-        super().__init__(backbone, dim=dim, K=K, m=m, T=T, self_negative_bug=self_negative_bug, bn_groups=bn_groups,
-                         batch_negatives=batch_negatives, backbone_kwargs=backbone_kwargs)
+        super().__init__(backbone, dim=dim, queue_size=queue_size, momentum_ema=momentum_ema, temperature=temperature,
+                         self_negative_bug=self_negative_bug, bn_groups=bn_groups, batch_negatives=batch_negatives,
+                         backbone_kwargs=backbone_kwargs)
         if dense_coords not in ("normalized", "pixel"):
             raise ValueError(f"dense_coords must be 'normalized' or 'pixel', got {dense_coords!r}")
-        self.dense_T, self.dense_weight, self.pos_ratio = dense_T, dense_weight, pos_ratio
+        self.dense_temperature, self.dense_weight, self.pos_ratio = dense_temperature, dense_weight, pos_ratio
         self.dense_coords = dense_coords
         if dense_coords == "pixel":
             self.required_inputs = FIMA.required_inputs + ("frame_hw",)
         self.decoder = MotionDecoder(self.encoder_q.feature_dim, d_model, heads, ffn_dim, decoder_layers, dropout)
-        self.motion_queue = KeyQueue(K, dim)
-        self.dense_queue = KeyQueue(dense_K, dim)
+        self.motion_queue = KeyQueue(queue_size, dim)
+        self.dense_queue = KeyQueue(dense_queue_size, dim)
 
     # --- key-encoder heads (run on the shuffled batch; every output is per sample) ----------------
     def _rgb_k(self, fmap):
@@ -91,23 +93,23 @@ class FIMA(MoCo):
         for c in clips:
             fmap, q[c] = self.encode_q(batch["rgb_" + c])  # B x C x T' x H' x W', B x dim
             tok[c] = self.decoder.tokens(fmap)  # B x T' x N x d
-        B, S, N, _ = tok["m"].shape
+        B, Tp, N, _ = tok["m"].shape
         grid_hw = tuple(fmap.shape[-2:])
-        if S != 2:
-            raise ValueError(f"FIMA needs T' = 2 feature slices (one per local clip); the backbone gave {S}")
+        if Tp != 2:
+            raise ValueError(f"FIMA needs T' = 2 feature slices (one per local clip); the backbone gave {Tp}")
 
         out = self.instance_loss(q["m"], q["n"], k["m"], k["n"])
 
         # Motion decoder, all (b, t) passes in one batch: rows ordered (clip b, slice t, sample).
         other = {"m": "n", "n": "m"}  # a = other[b]: the target clip, on whose crop grid b is predicted
-        target = torch.cat([tok[other[b]][:, t] for b in clips for t in range(S)])  # (2*S*B) x N x d
-        memory = torch.cat([tok[b][:, t] for b in clips for t in range(S)])  # (2*S*B) x N x d
-        pred = F.normalize(self.projector_q.mlp(self.decoder(target, memory)), dim=-1)  # (2*S*B) x 1+N x dim
-        pred = pred.reshape(2, S, B, 1 + N, -1)  # b x t x B x 1+N x dim
+        target = torch.cat([tok[other[b]][:, t] for b in clips for t in range(Tp)])  # (2*Tp*B) x N x d
+        memory = torch.cat([tok[b][:, t] for b in clips for t in range(Tp)])  # (2*Tp*B) x N x d
+        pred = F.normalize(self.projector_q.mlp(self.decoder(target, memory)), dim=-1)  # (2*Tp*B) x 1+N x dim
+        pred = pred.reshape(2, Tp, B, 1 + N, -1)  # b x t x B x 1+N x dim
 
         # L_local: the cls output for (b, t) predicts the key feature of b's diff-local clip t.
         u_all = torch.stack([torch.stack(u[c]) for c in clips])  # 2 x 2 x B x dim
-        loss_local, acc_local = local_loss(pred[:, :, :, 0], u_all, self.motion_queue.snapshot(), self.T)
+        loss_local, acc_local = local_loss(pred[:, :, :, 0], u_all, self.motion_queue.snapshot(), self.temperature)
 
         # L_dense: the token outputs for (b, t) predict b's diff map at slice t on a's crop grid.
         frame_hw = batch["frame_hw"] if self.dense_coords == "pixel" else None
@@ -117,8 +119,8 @@ class FIMA(MoCo):
             a = other[b]
             A = dense_positive_pairs(batch["box_" + a], batch["box_" + b], grid_hw, mask[a], mask[b],
                                      self.pos_ratio, frame_hw)  # B x N x N
-            for t in range(S):
-                loss_t, n_pos = dense_loss(pred[j, t, :, 1:], Z[b], t, A, self.dense_T, dense_queue)
+            for t in range(Tp):
+                loss_t, n_pos = dense_loss(pred[j, t, :, 1:], Z[b], t, A, self.dense_temperature, dense_queue)
                 dense_terms.append(loss_t)
                 pos_cells.append(n_pos)
         loss_dense = sum(dense_terms) / len(dense_terms)
@@ -126,7 +128,7 @@ class FIMA(MoCo):
         if self.training:
             self.motion_queue.enqueue(torch.cat([u["n"][0], u["n"][1], u["m"][0], u["m"][1]]))  # 4B x dim
             for c in ("n", "m"):
-                for t in range(S):
+                for t in range(Tp):
                     self.dense_queue.enqueue(Z[c][:, t].reshape(-1, Z[c].shape[-1]))  # (B*N) x dim
 
         loss = out["loss_inst"] + self.dense_weight * loss_dense + loss_local

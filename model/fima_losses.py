@@ -1,7 +1,8 @@
 """FIMA's loss terms as pure tensor functions (the tests call them directly): foreground score and mask, the
 dense positive rule (cell geometry on the crop boxes), the dense loss and the local motion loss.
 
-Notation: B batch, D embedding dim (128), N = H'*W' cells of one time slice, S = T' slices, K queue.
+Notation: B batch, D embedding dim (128), N = H'*W' cells of one time slice, Tp = T' time slices, K
+queue, tau temperature.
 The InfoNCE pieces they share with the other objectives are in infonce.py.
 """
 
@@ -67,14 +68,14 @@ def dense_positive_pairs(
 
 
 def dense_loss(
-    P: torch.Tensor, Z: torch.Tensor, t: int, A: torch.Tensor, T: float = 0.1, queue: torch.Tensor | None = None,
+    P: torch.Tensor, Z: torch.Tensor, t: int, A: torch.Tensor, tau: float = 0.1, queue: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FIMA's spatiotemporal dense contrast for one (query clip, key clip, slice t) triple.
 
-    P [B, N, D]: unit query predictions on the query clip's grid. Z [B, S, N, D]: unit key features of
-    the key clip's diff map, all S slices. A [B, N, N]: positives between P's cells and Z[:, t]'s
+    P [B, N, D]: unit query predictions on the query clip's grid. Z [B, Tp, N, D]: unit key features of
+    the key clip's diff map, all Tp slices. A [B, N, N]: positives between P's cells and Z[:, t]'s
     cells. queue [K, D] or None: extra negatives.
-    For query cell i of sample b: -log( sum_{j: A_bij} e^{P_bi.Z_btj/T} / sum_{all b', s, j} e^{P_bi.Z_b'sj/T}
+    For query cell i of sample b: -log( sum_{j: A_bij} e^{P_bi.Z_btj/tau} / sum_{all b', s, j} e^{P_bi.Z_b'sj/tau}
     [+ sum_queue] ), i.e. the denominator holds every cell of every slice of every sample in the batch,
     positives included. Averaged over cells with a positive, then over samples with such a cell; with
     none in the whole batch the result is an exact 0 that is still attached to P's graph.
@@ -82,12 +83,12 @@ def dense_loss(
     """
     with fp32(P.device):
         P, Z = P.float(), Z.float()
-        B, S, N, D = Z.shape
-        logits = P @ Z.reshape(B * S * N, D).T / T  # B x N x (B*S*N)
+        B, Tp, N, D = Z.shape
+        logits = P @ Z.reshape(B * Tp * N, D).T / tau  # B x N x (B*Tp*N)
         if queue is not None and queue.shape[0] > 0:
-            logits = torch.cat([logits, P @ queue.float().T / T], dim=2)  # B x N x (B*S*N + K)
+            logits = torch.cat([logits, P @ queue.float().T / tau], dim=2)  # B x N x (B*Tp*N + K)
         log_den = torch.logsumexp(logits, dim=2)  # B x N
-        pos = torch.einsum("bid,bjd->bij", P, Z[:, t]) / T  # B x N x N (same values as in `logits`)
+        pos = torch.einsum("bid,bjd->bij", P, Z[:, t]) / tau  # B x N x N (same values as in `logits`)
         has_pos = A.any(dim=2)  # B x N
         # Rows without any positive get finite dummies so neither the value nor its gradient is NaN.
         pos = pos.masked_fill(~A & has_pos[:, :, None], float("-inf"))  # B x N x N
@@ -100,7 +101,7 @@ def dense_loss(
         return loss, n_cells.sum()
 
 
-def local_loss(p: torch.Tensor, u: torch.Tensor, queue: torch.Tensor, T: float = 0.1):
+def local_loss(p: torch.Tensor, u: torch.Tensor, queue: torch.Tensor, tau: float = 0.1):
     """FIMA's frame-level motion contrast. p [2, 2, B, D]: cls predictions for (clip b, half t);
     u [2, 2, B, D]: key features of the diff-local clips (clip, half); queue [K, D].
 
@@ -112,7 +113,7 @@ def local_loss(p: torch.Tensor, u: torch.Tensor, queue: torch.Tensor, T: float =
     for b in range(2):
         for t in range(2):
             negatives = torch.cat([u[b, 1 - t], u[1 - b, 0], u[1 - b, 1], queue])  # (3B + K) x D
-            logits = info_nce_logits(p[b, t], u[b, t], negatives, T)  # B x (1 + 3B + K)
+            logits = info_nce_logits(p[b, t], u[b, t], negatives, tau)  # B x (1 + 3B + K)
             losses.append(info_nce(logits))
             accs.append(top1(logits))
     return sum(losses) / 4, sum(accs) / 4

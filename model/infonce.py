@@ -20,8 +20,8 @@ def fp32(device: torch.device):
     return contextlib.nullcontext()
 
 
-def info_nce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, T: float) -> torch.Tensor:
-    """MoCo logits: q, k [B, D] unit vectors, negatives [M, D] -> [B, 1+M] = [q.k, q.n_1..q.n_M] / T.
+def info_nce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, tau: float) -> torch.Tensor:
+    """MoCo logits: q, k [B, D] unit vectors, negatives [M, D] -> [B, 1+M] = [q.k, q.n_1..q.n_M] / tau.
 
     The positive is class 0.
     """
@@ -29,7 +29,7 @@ def info_nce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, T
         q, k, negatives = q.float(), k.float(), negatives.float()
         l_pos = (q * k).sum(dim=1, keepdim=True)  # B x 1
         l_neg = q @ negatives.T  # B x M
-        return torch.cat([l_pos, l_neg], dim=1) / T  # B x (1+M)
+        return torch.cat([l_pos, l_neg], dim=1) / tau  # B x (1+M)
 
 
 def info_nce(logits: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Query encoder = backbone + projector (global average pool -> C -> C -> 128), L2-normalised; the key
 encoder is an EMA copy (no gradient). The two clips m, n of a video are each other's positive:
-L = 1/2 [CE(q_m . k_n) + CE(q_n . k_m)] over [positive, queue] logits with temperature T.
+L = 1/2 [CE(q_m . k_n) + CE(q_n . k_m)] over [positive, queue] logits with temperature tau (`temperature`).
 
 Per training step, inside forward (as the reference does): one EMA update of the key encoder before
 any key forward (`momentum_update`), key forwards with shuffle-BN across ranks, and after the logits the
@@ -46,19 +46,20 @@ from .queue import KeyQueue
 
 class MoCo(Objective):
     """backbone: registry name ("i3d", "r3d18", "r2plus1d18") or a zero-argument constructor.
-    dim: embedding size (128). K: queue length (65,536 for K400). m: EMA momentum (0.999).
-    T: softmax temperature (0.1). backbone_kwargs: passed to the named builder.
+    dim: embedding size (128). queue_size: queue length (65,536 for K400). momentum_ema: the key encoder's EMA
+    momentum (0.999). temperature: softmax temperature (0.1). backbone_kwargs: passed to the named builder.
     """
 
     required_inputs: tuple[str, ...] = ("rgb_m", "rgb_n")
 
     def __init__(
-        self, backbone: str | Callable[[], nn.Module] = "i3d", *, dim: int = 128, K: int = 65536, m: float = 0.999,
-        T: float = 0.1, self_negative_bug: bool = False, bn_groups: int = 1, batch_negatives: bool = False,
-        backbone_kwargs: dict | None = None,
+        self, backbone: str | Callable[[], nn.Module] = "i3d", *, dim: int = 128, queue_size: int = 65536,
+        momentum_ema: float = 0.999, temperature: float = 0.1, self_negative_bug: bool = False, bn_groups: int = 1,
+        batch_negatives: bool = False, backbone_kwargs: dict | None = None,
     ):
         super().__init__()
-        self.m, self.T, self.self_negative_bug, self.batch_negatives = m, T, self_negative_bug, batch_negatives
+        self.momentum_ema, self.temperature = momentum_ema, temperature
+        self.self_negative_bug, self.batch_negatives = self_negative_bug, batch_negatives
         if bn_groups < 1:
             raise ValueError(f"bn_groups must be at least 1, got {bn_groups}")
         self.bn_groups = bn_groups
@@ -68,7 +69,7 @@ class MoCo(Objective):
         self.projector_k = copy.deepcopy(self.projector_q)
         for p in self._key_params():
             p.requires_grad_(False)
-        self.queue = KeyQueue(K, dim)
+        self.queue = KeyQueue(queue_size, dim)
 
     def run_warnings(self, *, global_batch: int, steps_per_epoch: int, total_steps: int, num_videos: int) -> list[str]:
         """Queue and EMA settings against the run's length (config keys queue_size and momentum_ema)."""
@@ -82,10 +83,10 @@ class MoCo(Objective):
                             f"epoch ({steps_per_epoch} steps of {num_videos} videos): every video's own earlier keys "
                             f"are among its negatives. The UCF101 recipe's queue spans ~1/8 of an epoch (2240 keys, "
                             f"9537 videos); consider queue_size={fit}")
-        kept = self.m ** total_steps          # share of the key encoder's initial weights left at the end
+        kept = self.momentum_ema ** total_steps   # share of the key encoder's initial weights left at the end
         if kept > 0.5:
-            warnings.append(f"with momentum_ema {self.m} over {total_steps} steps the key encoder keeps {kept:.0%} of "
-                            f"its random initial weights; a short run wants a lower momentum (e.g. "
+            warnings.append(f"with momentum_ema {self.momentum_ema} over {total_steps} steps the key encoder keeps "
+                            f"{kept:.0%} of its random initial weights; a short run wants a lower momentum (e.g. "
                             f"momentum_ema={max(0.0, min(0.99, 1 - 5 / total_steps)):.3g})")
         return warnings
 
@@ -98,9 +99,10 @@ class MoCo(Objective):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """theta_k <- m theta_k + (1 - m) theta_q for backbone and projector (BN buffers are not averaged)."""
+        """theta_k <- m theta_k + (1 - m) theta_q (m = momentum_ema) for backbone and projector (BN buffers are not
+        averaged)."""
         for pk, pq in zip(self._key_params(), self._query_params()):
-            pk.lerp_(pq.detach(), 1.0 - self.m)
+            pk.lerp_(pq.detach(), 1.0 - self.momentum_ema)
 
     @torch.no_grad()
     def key_forward(self, x: torch.Tensor, head: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]):
@@ -141,12 +143,13 @@ class MoCo(Objective):
         """Symmetric cross-clip MoCo loss; enqueues k_n then k_m (in training mode). skip_mn / skip_nm [B]: with
         batch_negatives, the one in-batch key (local index) that is not a negative of q_m[i] / q_n[i] (FAME)."""
         queue = self.queue.snapshot()  # K x dim
-        logits_mn = self._with_batch(info_nce_logits(q_m, k_n, queue, self.T), q_m, k_n, skip_mn)  # B x (1+K[+B-1])
+        tau = self.temperature
+        logits_mn = self._with_batch(info_nce_logits(q_m, k_n, queue, tau), q_m, k_n, skip_mn)  # B x (1+K[+B-1])
         if self.training:
             self.queue.enqueue(k_n)
             if self.self_negative_bug:
                 queue = self.queue.snapshot()  # now holds k_n: q_n meets its own key
-        logits_nm = self._with_batch(info_nce_logits(q_n, k_m, queue, self.T), q_n, k_m, skip_nm)  # B x (1+K[+B-1])
+        logits_nm = self._with_batch(info_nce_logits(q_n, k_m, queue, tau), q_n, k_m, skip_nm)  # B x (1+K[+B-1])
         if self.training:
             self.queue.enqueue(k_m)
         loss = 0.5 * (info_nce(logits_mn) + info_nce(logits_nm))
@@ -154,7 +157,7 @@ class MoCo(Objective):
 
     def _with_batch(self, logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                     skip: torch.Tensor | None = None) -> torch.Tensor:
-        """With batch_negatives: append q_i . k_j / T for the other videos j != i of this step (gathered over ranks,
+        """With batch_negatives: append q_i . k_j / tau for the other videos j != i of this step (gathered over ranks,
         so every rank sees the global batch) to the [positive, queue] logits; skip [B] (local key indices) drops
         one more column per row."""
         if not self.batch_negatives:
@@ -162,7 +165,7 @@ class MoCo(Objective):
         k_all = concat_all_gather(k)  # (W*B) x dim, rank order
         B, off = q.shape[0], rank() * q.shape[0]
         with fp32(q.device):
-            l_batch = q.float() @ k_all.float().T / self.T  # B x W*B
+            l_batch = q.float() @ k_all.float().T / self.temperature  # B x W*B
             own = torch.arange(B, device=q.device) + off
             l_batch[torch.arange(B, device=q.device), own] = float("-inf")  # the positive is already column 0
             if skip is not None:

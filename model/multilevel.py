@@ -12,7 +12,7 @@ forward on [A; B; G] (BatchNorm over all three, as in the reference) gives three
   time mean; forward and reversed rows), local-global and graph (forward rows only).
 All heads are two-layer MLPs C -> C -> ReLU -> dim per time step (the reference's 1x1 Conv1d pairs).
 
-Loss (multilevel_losses.py; tau = T = 0.07 everywhere, 0.1 in the prototype softmax):
+Loss (multilevel_losses.py; tau = `temperature` = 0.07 everywhere, 0.1 in the prototype softmax):
     L = L_inst + L_lg,high + w_mid (L_motion,mid + L_lg,mid) + w_low (L_motion,low + L_lg,low)
         + w_proto L_proto + [epoch >= split] (L_graph,high + w_mid L_graph,mid + w_low L_graph,low)
 with w_mid 0.5, w_low 0.3, w_proto 0.5. `term_weights()` gives the weight of every logged term, so
@@ -20,7 +20,7 @@ out["loss"] == sum(w * out[k] for k, w in term_weights().items()).
 * Negatives come from the batch gathered over the real world size (multilevel_losses.gather, gradient
   through the gather by default: grad_gather="full"; "local" is the reference's).
 * Prototypes: their weights are L2-renormalised at every training step (before the forward); Sinkhorn-
-  Knopp (eps 0.05, 3 iterations) over the gathered logits, or from epoch `queue_start` (10) over a queue of
+  Knopp (eps 0.05, 3 iterations) over the gathered logits, or from epoch `proto_queue_start` (10) over a queue of
   the last `proto_queue` (1024) videos' logits whose last rows are the current batch; the queue is a
   buffer (state_dict) updated at every training step from epoch 0 and starts as noise, as in the reference.
 * Graph: G_ins from the gathered instance embeddings, G_sem from argmax(code_A + code_B); the target
@@ -60,9 +60,10 @@ LEVELS = ("high", "mid", "low")
 class MultiLevel(Objective):
     """backbone: a registry name or zero-argument constructor of a backbone with `forward_levels` and
     `level_dims` ("r3d18_ml"). dim: embedding size (128). cluster: prototypes K (1000 K400, 200 UCF101).
-    T: contrastive temperature (0.07). proto_T: prototype softmax temperature (0.1). split: first epoch of
-    the graph loss (20 K400, 50 UCF101). thres: G_ins threshold (0.05). sk_eps, sk_iters: Sinkhorn (0.05, 3).
-    proto_queue: logit queue length (1024). queue_start: first epoch that runs Sinkhorn on the queue (10).
+    temperature: contrastive temperature (0.07). proto_temperature: prototype softmax temperature (0.1).
+    split: first epoch of the graph loss (20 K400, 50 UCF101). graph_threshold: G_ins threshold (0.05).
+    sk_eps, sk_iters: Sinkhorn (0.05, 3).
+    proto_queue: logit queue length (1024). proto_queue_start: first epoch that runs Sinkhorn on the queue (10).
     freeze_prototype_epochs: epochs with frozen prototypes (1). w_mid, w_low, w_proto: 0.5, 0.3, 0.5.
     reduction: motion-excitation channel reduction (16). grad_gather: "full" or "local" (reference).
     """
@@ -71,16 +72,18 @@ class MultiLevel(Objective):
 
     def __init__(
         self, backbone: str | Callable[[], nn.Module] = "r3d18_ml", *, dim: int = 128, cluster: int = 1000,
-        T: float = 0.07, proto_T: float = 0.1, split: int = 20, thres: float = 0.05, sk_eps: float = 0.05,
-        sk_iters: int = 3, proto_queue: int = 1024, queue_start: int = 10, freeze_prototype_epochs: int = 1,
+        temperature: float = 0.07, proto_temperature: float = 0.1, split: int = 20, graph_threshold: float = 0.05,
+        sk_eps: float = 0.05, sk_iters: int = 3, proto_queue: int = 1024, proto_queue_start: int = 10,
+        freeze_prototype_epochs: int = 1,
         w_mid: float = 0.5, w_low: float = 0.3, w_proto: float = 0.5, reduction: int = 16,
         grad_gather: str = "full", backbone_kwargs: dict | None = None,
     ):
         super().__init__()
         if grad_gather not in ("full", "local"):
             raise ValueError(f"grad_gather must be 'full' or 'local', got {grad_gather!r}")
-        self.T, self.proto_T, self.split, self.thres = T, proto_T, split, thres
-        self.sk_eps, self.sk_iters, self.queue_start = sk_eps, sk_iters, queue_start
+        self.temperature, self.proto_temperature = temperature, proto_temperature
+        self.split, self.graph_threshold = split, graph_threshold
+        self.sk_eps, self.sk_iters, self.proto_queue_start = sk_eps, sk_iters, proto_queue_start
         self.freeze_prototype_epochs, self.grad_gather = freeze_prototype_epochs, grad_gather
         self.level_weights = {"high": 1.0, "mid": w_mid, "low": w_low}
         self.w_proto = w_proto
@@ -105,7 +108,7 @@ class MultiLevel(Objective):
     # --- epoch-dependent state --------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Call before the first step of every epoch (and after resuming): it switches the graph loss on at
-        `split`, Sinkhorn to the queue at `queue_start`, and decides `frozen_parameters()`."""
+        `split`, Sinkhorn to the queue at `proto_queue_start`, and decides `frozen_parameters()`."""
         self.epoch = int(epoch)
 
     @property
@@ -169,7 +172,7 @@ class MultiLevel(Objective):
         high = feats["high"]  # 3B x S4 x C4
         z = self.contrast_heads["high"].mlp(high).mean(dim=1).view(3, B, -1)[:2].transpose(0, 1)  # B x 2 x D
         z_all, offset = gather(z, self.grad_gather)  # N x 2 x D
-        logits = instance_logits(z, z_all, offset, self.T)  # 2B x (1 + 2(N-1))
+        logits = instance_logits(z, z_all, offset, self.temperature)  # 2B x (1 + 2(N-1))
         out["loss_inst"], out["acc_inst"] = info_nce(logits), top1(logits)
 
         # Motion contrast (mid, low): forward clips A, B vs other videos and the own reversed clips.
@@ -177,29 +180,29 @@ class MultiLevel(Objective):
             m = self.contrast_heads[lvl].mlp(feats[lvl]).mean(dim=1).view(2, 3, B, -1)[:, :2]  # 2 x 2 x B x D
             f, f_rev = m[0].transpose(0, 1), m[1].transpose(0, 1)  # B x 2 x D each (forward, reversed)
             f_all, _ = gather(f, self.grad_gather)  # N x 2 x D
-            logits = motion_logits(f, f_rev, f_all, offset, self.T)  # 2B x (1 + 2(N-1) + 2)
+            logits = motion_logits(f, f_rev, f_all, offset, self.temperature)  # 2B x (1 + 2(N-1) + 2)
             out[f"loss_motion_{lvl}"], out[f"acc_motion_{lvl}"] = info_nce(logits), top1(logits)
 
         # Local-to-global timestamp retrieval (all levels, forward clips).
         for lvl in LEVELS:
             x = self.lg_heads[lvl].mlp(feats[lvl][:3 * B])  # 3B x S x D
             out[f"loss_lg_{lvl}"], out[f"acc_lg_{lvl}"] = local_global_loss(
-                x.view(3, B, *x.shape[1:]).transpose(0, 1), self.T)
+                x.view(3, B, *x.shape[1:]).transpose(0, 1), self.temperature)
 
         # Prototypes: global head over A, B and G (its BN sees all three), logits of A and B.
         e = F.normalize(self.global_head(high.mean(dim=1)), dim=1)  # 3B x D
         proto_logits = self.prototypes(e).view(3, B, -1)[:2].transpose(0, 1)  # B x 2 x K
         codes = self.assign(proto_logits)  # N x 2 x K, no grad
-        out["loss_proto"] = proto_loss(proto_logits, codes[offset:offset + B], self.proto_T)
+        out["loss_proto"] = proto_loss(proto_logits, codes[offset:offset + B], self.proto_temperature)
 
         # Graph constraint: target from the gathered instance graph and the pseudo-labels, no gradient.
         with torch.no_grad():
             labels = (codes[:, 0] + codes[:, 1]).argmax(dim=1)  # N
-            G = graph_target(instance_graph(z_all.detach(), self.T), labels, self.thres)  # N x N
+            G = graph_target(instance_graph(z_all.detach(), self.temperature), labels, self.graph_threshold)  # N x N
         for lvl in LEVELS:
             y = self.graph_heads[lvl].mlp(feats[lvl][:3 * B]).mean(dim=1).view(3, B, -1)  # 3 x B x D (A, B, G)
             yb_all, _ = gather(y[1], self.grad_gather)  # N x D
-            out[f"loss_graph_{lvl}"] = graph_loss(y[0], yb_all, G[offset:offset + B], self.T)
+            out[f"loss_graph_{lvl}"] = graph_loss(y[0], yb_all, G[offset:offset + B], self.temperature)
 
         weights = self.term_weights()
         out["loss"] = sum(w * out[k] for k, w in weights.items())
@@ -210,12 +213,12 @@ class MultiLevel(Objective):
 
     @torch.no_grad()
     def assign(self, proto_logits: torch.Tensor) -> torch.Tensor:
-        """Sinkhorn codes [N, 2, K] of the gathered batch (from epoch `queue_start` computed over the queue,
+        """Sinkhorn codes [N, 2, K] of the gathered batch (from epoch `proto_queue_start` computed over the queue,
         whose last N rows are this batch); in training mode the queue takes the batch's logits."""
         logits_all = concat_all_gather(proto_logits.detach().float().contiguous())  # N x 2 x K
         N, Q = logits_all.shape[0], self.proto_queue.shape[0]
         queue = torch.cat([self.proto_queue[N:], logits_all[max(N - Q, 0):]])  # Q x 2 x K (newest last)
         if self.training:
             self.proto_queue.copy_(queue)
-        scores = queue if (self.epoch >= self.queue_start and Q > N) else logits_all  # M x 2 x K
+        scores = queue if (self.epoch >= self.proto_queue_start and Q > N) else logits_all  # M x 2 x K
         return torch.stack([sinkhorn(scores[:, c], self.sk_eps, self.sk_iters)[-N:] for c in range(2)], dim=1)

@@ -14,7 +14,7 @@ Features passed in need not be unit vectors: each function L2-normalises what it
 | local_global_loss      | local_global          | step t of A||B (each pooled to S/2) <-> step t of G       |
 | sinkhorn               | sinkhorn              | SwAV Sinkhorn-Knopp codes, rows sum to 1                  |
 | proto_loss             | proto_contrast        | A's softmax(logits/0.1) predicts B's code and vice versa  |
-| instance_graph         | feat_contrast's 3rd   | softmax over B-clips of A.B / T (global batch)            |
+| instance_graph         | feat_contrast's 3rd   | softmax over B-clips of A.B / tau (global batch)          |
 | graph_target           | graph                 | row-normalise(threshold(G_ins) * same-cluster)           |
 | graph_loss             | graph_contrast        | mean over entries of -G_ij log(P_ij + 1e-10)             |
 
@@ -82,34 +82,34 @@ def _other_videos(sim: torch.Tensor, offset: int) -> torch.Tensor:
     return sim[keep].view(2 * B, 2 * (N - 1))  # 2B x 2(N-1)
 
 
-def instance_logits(z: torch.Tensor, z_all: torch.Tensor, offset: int, T: float = 0.07) -> torch.Tensor:
+def instance_logits(z: torch.Tensor, z_all: torch.Tensor, offset: int, tau: float = 0.07) -> torch.Tensor:
     """Instance contrast between clips A and B. z [B, 2, D] this rank's (A, B) embeddings, z_all [N, 2, D]
     the gathered ones. Row (b, c) of the result [2B, 1 + 2(N-1)]: [z_bc.z_b(1-c), z_bc.(both clips of
-    every other video)] / T, positive at class 0; the clip itself is not a candidate. Cross-entropy on it
+    every other video)] / tau, positive at class 0; the clip itself is not a candidate. Cross-entropy on it
     is the reference's -log(pos / (pos + sum neg))."""
     with fp32(z.device):
         z, z_all = F.normalize(z.float(), dim=-1), F.normalize(z_all.float(), dim=-1)
         pos = (z * z.flip(1)).sum(dim=-1).reshape(-1, 1)  # 2B x 1
         sim = torch.einsum("bcd,nkd->bcnk", z, z_all)  # B x 2 x N x 2
-        return torch.cat([pos, _other_videos(sim, offset)], dim=1) / T  # 2B x (1 + 2(N-1))
+        return torch.cat([pos, _other_videos(sim, offset)], dim=1) / tau  # 2B x (1 + 2(N-1))
 
 
 def motion_logits(f: torch.Tensor, f_rev: torch.Tensor, f_all: torch.Tensor, offset: int,
-                  T: float = 0.07) -> torch.Tensor:
+                  tau: float = 0.07) -> torch.Tensor:
     """Motion contrast at the low/mid level. f [B, 2, D] forward-time (A, B) features of this rank,
     f_rev [B, 2, D] the same clips' time-reversed features, f_all [N, 2, D] the gathered forward ones.
     Row (b, c) [2B, 1 + 2(N-1) + 2]: [positive f_bc.f_b(1-c), both clips of every other video (forward),
-    f_bc.f_rev_bA, f_bc.f_rev_bB] / T: the video's own reversed clips are extra negatives, other
+    f_bc.f_rev_bA, f_bc.f_rev_bB] / tau: the video's own reversed clips are extra negatives, other
     videos' reversed clips are not candidates."""
     with fp32(f.device):
         f, f_rev, f_all = (F.normalize(x.float(), dim=-1) for x in (f, f_rev, f_all))
         pos = (f * f.flip(1)).sum(dim=-1).reshape(-1, 1)  # 2B x 1
         sim = torch.einsum("bcd,nkd->bcnk", f, f_all)  # B x 2 x N x 2
         rev = torch.einsum("bcd,bkd->bck", f, f_rev).reshape(-1, 2)  # 2B x 2
-        return torch.cat([pos, _other_videos(sim, offset), rev], dim=1) / T  # 2B x (1 + 2(N-1) + 2)
+        return torch.cat([pos, _other_videos(sim, offset), rev], dim=1) / tau  # 2B x (1 + 2(N-1) + 2)
 
 
-def local_global_loss(x: torch.Tensor, T: float = 0.07) -> tuple[torch.Tensor, torch.Tensor]:
+def local_global_loss(x: torch.Tensor, tau: float = 0.07) -> tuple[torch.Tensor, torch.Tensor]:
     """Local-to-global timestamp retrieval. x [B, 3, S, D]: per-step embeddings of A, B, G (S even).
     A and B are average-pooled to S/2 steps (pairs of neighbours) and concatenated: L = A||B [B, S, D];
     step t of L must find step t of G among G's S steps, and step t of G step t of L (cross-entropy,
@@ -122,8 +122,8 @@ def local_global_loss(x: torch.Tensor, T: float = 0.07) -> tuple[torch.Tensor, t
         halves = x[:, :2].reshape(B, 2, S // 2, 2, D).mean(dim=3)  # B x 2 x S/2 x D
         local = F.normalize(halves.reshape(B, S, D), dim=-1)  # B x S x D (A's steps, then B's)
         glob = F.normalize(x[:, 2], dim=-1)  # B x S x D
-        l2g = (local @ glob.transpose(1, 2) / T).reshape(B * S, S)  # (B*S) x S, row (b, t): L_t . G_s
-        g2l = (glob @ local.transpose(1, 2) / T).reshape(B * S, S)  # (B*S) x S
+        l2g = (local @ glob.transpose(1, 2) / tau).reshape(B * S, S)  # (B*S) x S, row (b, t): L_t . G_s
+        g2l = (glob @ local.transpose(1, 2) / tau).reshape(B * S, S)  # (B*S) x S
         target = torch.arange(S, device=x.device).repeat(B)  # B*S
         loss = 0.5 * (F.cross_entropy(l2g, target) + F.cross_entropy(g2l, target))
         acc = 0.5 * ((l2g.argmax(1) == target).float().mean() + (g2l.argmax(1) == target).float().mean())
@@ -157,11 +157,11 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
         return (Q / Q.sum(dim=0, keepdim=True)).T  # M x K
 
 
-def proto_loss(logits: torch.Tensor, codes: torch.Tensor, T: float = 0.1) -> torch.Tensor:
+def proto_loss(logits: torch.Tensor, codes: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
     """Swapped prediction. logits [B, 2, K] prototype scores of A and B, codes [B, 2, K] their Sinkhorn
-    codes (no gradient): -1/2 [sum_k q_B log softmax(l_A / T) + sum_k q_A log softmax(l_B / T)], mean over B."""
+    codes (no gradient): -1/2 [sum_k q_B log softmax(l_A / tau) + sum_k q_A log softmax(l_B / tau)], mean over B."""
     with fp32(logits.device):
-        logp = F.log_softmax(logits.float() / T, dim=-1)  # B x 2 x K
+        logp = F.log_softmax(logits.float() / tau, dim=-1)  # B x 2 x K
         codes = codes.detach().float()
         return -0.5 * ((codes[:, 1] * logp[:, 0]).sum(-1) + (codes[:, 0] * logp[:, 1]).sum(-1)).mean()
 
@@ -169,11 +169,11 @@ def proto_loss(logits: torch.Tensor, codes: torch.Tensor, T: float = 0.1) -> tor
 # --- graph constraint ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def instance_graph(z_all: torch.Tensor, T: float = 0.07) -> torch.Tensor:
-    """G_ins [N, N]: row i = softmax over j of (A_i . B_j) / T on the gathered instance embeddings [N, 2, D]."""
+def instance_graph(z_all: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
+    """G_ins [N, N]: row i = softmax over j of (A_i . B_j) / tau on the gathered instance embeddings [N, 2, D]."""
     with fp32(z_all.device):
         z = F.normalize(z_all.float(), dim=-1)
-        return torch.softmax(z[:, 0] @ z[:, 1].T / T, dim=1)  # N x N
+        return torch.softmax(z[:, 0] @ z[:, 1].T / tau, dim=1)  # N x N
 
 
 @torch.no_grad()
@@ -189,11 +189,11 @@ def graph_target(g_ins: torch.Tensor, labels: torch.Tensor, thres: float = 0.05)
     return g / g.sum(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def graph_loss(za: torch.Tensor, zb_all: torch.Tensor, target: torch.Tensor, T: float = 0.07) -> torch.Tensor:
+def graph_loss(za: torch.Tensor, zb_all: torch.Tensor, target: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
     """Graph matching at one level. za [B, D] this rank's A embeddings of a graph head, zb_all [N, D]
     the gathered B embeddings, target [B, N] this rank's rows of G (no gradient):
-    P = softmax_j(za_i . zb_j / T); loss = mean over the B x N entries of -G_ij log(P_ij + 1e-10)."""
+    P = softmax_j(za_i . zb_j / tau); loss = mean over the B x N entries of -G_ij log(P_ij + 1e-10)."""
     with fp32(za.device):
         za, zb_all = F.normalize(za.float(), dim=-1), F.normalize(zb_all.float(), dim=-1)
-        P = torch.softmax(za @ zb_all.T / T, dim=1)  # B x N
+        P = torch.softmax(za @ zb_all.T / tau, dim=1)  # B x N
         return -(target.detach().float() * torch.log(P + 1e-10)).mean()

@@ -111,7 +111,7 @@ def test_blur_kernel_size():
 def test_merge_and_augment_runs_in_fp32_under_autocast():
     from model import FAME
 
-    fame = FAME("i3d", K=8, backbone_kwargs={"width": 0.125})
+    fame = FAME("i3d", queue_size=8, backbone_kwargs={"width": 0.125})
     x = moving_square_clip(B=3, T=4, S=32)
     torch.manual_seed(3)
     ref, _ = fame.merge_and_augment(x)
@@ -148,7 +148,7 @@ def test_instance_loss_skips_exactly_the_named_in_batch_negative():
     B, D, T = 5, 128, 0.2  # D: the projector's embedding size (the empty queue has that width)
     q_m, q_n, k_m, k_n = (F.normalize(torch.randn(B, D, generator=g), dim=1) for _ in range(4))
     skip_mn, skip_nm = torch.tensor([1, 0, 3, 2, 4]), torch.tensor([2, 2, 0, 4, 1])
-    moco = MoCo("i3d", K=0, T=T, batch_negatives=True, backbone_kwargs={"width": 0.125}).eval()
+    moco = MoCo("i3d", queue_size=0, temperature=T, batch_negatives=True, backbone_kwargs={"width": 0.125}).eval()
     got = moco.instance_loss(q_m, q_n, k_m, k_n, skip_mn, skip_nm)["loss_inst"]
 
     def by_hand(q, k, skip):

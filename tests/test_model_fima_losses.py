@@ -293,7 +293,7 @@ def slow_instance(q_m, q_n, k_m, k_n, queue, T, self_negative, ptr):
 def test_instance_loss_matches_slow_reference_and_enqueues_fifo(self_negative_bug):
     gen = torch.Generator().manual_seed(7)
     B, D, K = 3, 8, 7
-    moco = MoCo("r3d18", dim=D, K=K, T=0.1, self_negative_bug=self_negative_bug,
+    moco = MoCo("r3d18", dim=D, queue_size=K, temperature=0.1, self_negative_bug=self_negative_bug,
                 backbone_kwargs={"widths": (4, 4, 4, 4)})
     moco.queue.ptr.fill_(5)  # the write of k_n wraps around: slots 5, 6, 0
     queue0 = moco.queue.keys.clone()
@@ -312,7 +312,7 @@ def test_self_negative_switch_changes_the_loss():
     losses = []
     for bug in (False, True):
         torch.manual_seed(0)
-        moco = MoCo("r3d18", dim=8, K=16, self_negative_bug=bug, backbone_kwargs={"widths": (4, 4, 4, 4)})
+        moco = MoCo("r3d18", dim=8, queue_size=16, self_negative_bug=bug, backbone_kwargs={"widths": (4, 4, 4, 4)})
         losses.append(moco.instance_loss(q_m, q_n, k_m, k_n)["loss_inst"].item())
     assert losses[1] > losses[0] + 1e-3
 

@@ -32,23 +32,23 @@ def test_required_inputs():
     assert MoCo.required_inputs == ("rgb_m", "rgb_n")
     assert FAME.required_inputs == ("raw_m", "rgb_n")
     assert FIMA.required_inputs == CLIPS + ("box_m", "box_n")
-    pixel = FIMA("i3d", K=8, dense_coords="pixel", backbone_kwargs=TINY_I3D)
+    pixel = FIMA("i3d", queue_size=8, dense_coords="pixel", backbone_kwargs=TINY_I3D)
     assert pixel.required_inputs == CLIPS + ("box_m", "box_n", "frame_hw")
     with pytest.raises(ValueError):
-        FIMA("i3d", K=8, dense_coords="isotropic", backbone_kwargs=TINY_I3D)
+        FIMA("i3d", queue_size=8, dense_coords="isotropic", backbone_kwargs=TINY_I3D)
 
 
 @pytest.mark.parametrize("name,kwargs", [
     ("moco", {"backbone": "i3d", "backbone_kwargs": TINY_I3D}),
     ("fame", {"backbone": "i3d", "backbone_kwargs": TINY_I3D}),
-    ("fima", {"backbone": "i3d", "backbone_kwargs": TINY_I3D, "dense_K": 40}),
+    ("fima", {"backbone": "i3d", "backbone_kwargs": TINY_I3D, "dense_queue_size": 40}),
     ("fima", {"backbone": "i3d", "backbone_kwargs": TINY_I3D, "dense_coords": "pixel", "self_negative_bug": True}),
     ("fima", {"backbone": "r3d18", "backbone_kwargs": {"widths": (8, 8, 16, 16)}}),
     ("fima", {"backbone": "r2plus1d18", "backbone_kwargs": {"widths": (8, 8, 16, 16)}}),
 ])
 def test_one_training_step(name, kwargs):
     torch.manual_seed(0)
-    obj = build_objective(name, K=48, **kwargs).train()
+    obj = build_objective(name, queue_size=48, **kwargs).train()
     batch = make_batch(S=64 if kwargs["backbone"] == "i3d" else 32)
     out = obj({k: batch[k] for k in obj.required_inputs})  # only what it declares
     assert "loss" in out and "loss_inst" in out and "acc_inst" in out
@@ -72,7 +72,7 @@ def grads_from(obj, batch, term):
 
 def test_query_backbone_gets_gradient_from_each_loss_and_keys_none():
     torch.manual_seed(0)
-    fima = FIMA("i3d", K=32, backbone_kwargs=TINY_I3D)
+    fima = FIMA("i3d", queue_size=32, backbone_kwargs=TINY_I3D)
     batch = make_batch()
     for term in ("loss_inst", "loss_dense", "loss_local"):
         g_backbone, g_decoder, g_keys = grads_from(fima, batch, term)
@@ -83,7 +83,7 @@ def test_query_backbone_gets_gradient_from_each_loss_and_keys_none():
 
 def test_ema_update_moves_keys_by_exactly_one_minus_m_times_the_gap():
     torch.manual_seed(0)
-    moco = MoCo("i3d", K=8, m=0.99, backbone_kwargs=TINY_I3D)
+    moco = MoCo("i3d", queue_size=8, momentum_ema=0.99, backbone_kwargs=TINY_I3D)
     assert all(torch.equal(pk, pq) for pk, pq in zip(key_params(moco), moco._query_params()))  # copies at start
     with torch.no_grad():
         for p in moco._query_params():
@@ -96,7 +96,7 @@ def test_ema_update_moves_keys_by_exactly_one_minus_m_times_the_gap():
 
 def test_forward_updates_ema_and_queues_in_training_only():
     torch.manual_seed(0)
-    fima = FIMA("i3d", K=32, dense_K=100, backbone_kwargs=TINY_I3D)
+    fima = FIMA("i3d", queue_size=32, dense_queue_size=100, backbone_kwargs=TINY_I3D)
     B, N = 2, 4  # I3D at 64x64 -> a 2x2 grid
     with torch.no_grad():
         for p in fima._query_params():
@@ -114,12 +114,12 @@ def test_forward_updates_ema_and_queues_in_training_only():
 
 def test_queues_are_saved_in_state_dict():
     torch.manual_seed(0)
-    fima = FIMA("i3d", K=16, dense_K=24, backbone_kwargs=TINY_I3D)
+    fima = FIMA("i3d", queue_size=16, dense_queue_size=24, backbone_kwargs=TINY_I3D)
     fima(make_batch())
     sd = fima.state_dict()
     for name in ("queue", "motion_queue", "dense_queue"):
         assert f"{name}.keys" in sd and f"{name}.ptr" in sd
-    fresh = FIMA("i3d", K=16, dense_K=24, backbone_kwargs=TINY_I3D)
+    fresh = FIMA("i3d", queue_size=16, dense_queue_size=24, backbone_kwargs=TINY_I3D)
     fresh.load_state_dict(sd)
     assert torch.equal(fresh.motion_queue.keys, fima.motion_queue.keys)
     assert fresh.dense_queue.ptr.item() == fima.dense_queue.ptr.item() == (4 * 2 * 4) % 24
@@ -127,7 +127,7 @@ def test_queues_are_saved_in_state_dict():
 
 def test_self_negative_switch_gives_different_losses_on_the_same_input():
     torch.manual_seed(0)
-    fixed = FIMA("i3d", K=32, dropout=0.0, backbone_kwargs=TINY_I3D)
+    fixed = FIMA("i3d", queue_size=32, dropout=0.0, backbone_kwargs=TINY_I3D)
     buggy = copy.deepcopy(fixed)
     buggy.self_negative_bug = True
     batch = make_batch()
@@ -138,7 +138,7 @@ def test_self_negative_switch_gives_different_losses_on_the_same_input():
 
 
 def test_pixel_coordinates_need_frame_hw():
-    fima = FIMA("i3d", K=8, dense_coords="pixel", backbone_kwargs=TINY_I3D)
+    fima = FIMA("i3d", queue_size=8, dense_coords="pixel", backbone_kwargs=TINY_I3D)
     batch = make_batch()
     del batch["frame_hw"]
     with pytest.raises(KeyError):
@@ -146,7 +146,7 @@ def test_pixel_coordinates_need_frame_hw():
 
 
 def test_fima_needs_two_time_slices():
-    fima = FIMA("i3d", K=8, backbone_kwargs=TINY_I3D)
+    fima = FIMA("i3d", queue_size=8, backbone_kwargs=TINY_I3D)
     with pytest.raises(ValueError, match="T' = 2"):
         fima(make_batch(T=8))  # I3D on 8 frames gives T' = 1
 
@@ -157,7 +157,7 @@ def test_bf16_autocast_matches_fp32():
     # function of the foreground mask (a median of bf16 activations), which may flip a cell; the loss
     # math itself runs in fp32 (tests/test_model_fima_losses.py).
     torch.manual_seed(0)
-    fp32 = FIMA("i3d", K=64, dense_K=50, dropout=0.0, backbone_kwargs=TINY_I3D)
+    fp32 = FIMA("i3d", queue_size=64, dense_queue_size=50, dropout=0.0, backbone_kwargs=TINY_I3D)
     bf16 = copy.deepcopy(fp32)
     batch = make_batch()
     ref = fp32(batch)
@@ -209,7 +209,7 @@ def test_fima_forward_wiring_matches_the_design_text():
     from model.fima_decoder import sinusoidal_encoding
 
     torch.manual_seed(0)
-    fima = FIMA("i3d", K=16, dense_K=8, dropout=0.0, backbone_kwargs=TINY_I3D).train()
+    fima = FIMA("i3d", queue_size=16, dense_queue_size=8, dropout=0.0, backbone_kwargs=TINY_I3D).train()
     batch = make_batch()
     queue, mqueue, dqueue = fima.queue.keys.clone(), fima.motion_queue.keys.clone(), fima.dense_queue.keys.clone()
     out = fima(batch)
@@ -260,7 +260,7 @@ def test_bn_groups_is_split_batchnorm_with_permuted_keys():
     on its own; the keys are the key encoder run on halves of a permuted batch, returned in the original order.
     Checked against those computations done by hand; in eval mode the setting changes nothing."""
     torch.manual_seed(0)
-    obj = MoCo("i3d", K=16, bn_groups=2, backbone_kwargs=TINY_I3D).train()
+    obj = MoCo("i3d", queue_size=16, bn_groups=2, backbone_kwargs=TINY_I3D).train()
     x = make_batch(B=4, S=32)["rgb_m"]
     solo = copy.deepcopy(obj.encoder_q).train()
     fmap, _ = obj.encode_q(x)
@@ -275,15 +275,15 @@ def test_bn_groups_is_split_batchnorm_with_permuted_keys():
     by_hand = torch.cat([key_enc(x[perm][:2]), key_enc(x[perm][2:])])[torch.argsort(perm)]
     assert torch.allclose(k, obj._embed_k(by_hand)[0], atol=1e-6)
 
-    plain = MoCo("i3d", K=16, backbone_kwargs=TINY_I3D)
+    plain = MoCo("i3d", queue_size=16, backbone_kwargs=TINY_I3D)
     plain.load_state_dict(obj.state_dict())
     obj.eval(), plain.eval()
     with torch.no_grad():
         assert torch.equal(obj.encode_q(x)[1], plain.encode_q(x)[1])
     with pytest.raises(ValueError, match="bn_groups"):
-        MoCo("i3d", K=16, bn_groups=0, backbone_kwargs=TINY_I3D)
+        MoCo("i3d", queue_size=16, bn_groups=0, backbone_kwargs=TINY_I3D)
     # a batch too small for two samples per group uses fewer groups (4 samples, 3 groups asked: 2 groups)
-    three = MoCo("i3d", K=16, bn_groups=3, backbone_kwargs=TINY_I3D).train()
+    three = MoCo("i3d", queue_size=16, bn_groups=3, backbone_kwargs=TINY_I3D).train()
     three.load_state_dict(obj.state_dict())
     three.encoder_q.train()
     assert torch.allclose(three.encode_q(x)[0], torch.cat([solo(x[:2]), solo(x[2:])]), atol=1e-6)
@@ -293,7 +293,8 @@ def test_batch_negatives_add_the_other_videos_keys_of_the_step():
     """batch_negatives=True: each direction's loss is cross-entropy over [q.k_own, q.queue, q.k_other] / T, recomputed
     here from the returned keys by hand; False keeps the reference's [q.k_own, q.queue]."""
     torch.manual_seed(0)
-    obj = MoCo("i3d", K=16, T=0.2, batch_negatives=True, backbone_kwargs=TINY_I3D).eval()   # eval: no EMA / enqueue
+    obj = MoCo("i3d", queue_size=16, temperature=0.2, batch_negatives=True,
+               backbone_kwargs=TINY_I3D).eval()   # eval: no EMA / enqueue
     batch = make_batch(B=3, S=32)
     q_m, q_n = obj.encode_q(batch["rgb_m"])[1], obj.encode_q(batch["rgb_n"])[1]
     (k_m,), (k_n,) = obj.key_forward(batch["rgb_m"], obj._embed_k), obj.key_forward(batch["rgb_n"], obj._embed_k)

@@ -79,7 +79,7 @@ def _worker(r, world, tmp):
         # One FIMA step per rank (different data, same initial weights): keys are shuffled across
         # ranks for BN, queues receive the keys of both ranks, so they stay identical.
         torch.manual_seed(0)
-        fima = FIMA("i3d", K=32, dense_K=40, backbone_kwargs={"width": 0.125})
+        fima = FIMA("i3d", queue_size=32, dense_queue_size=40, backbone_kwargs={"width": 0.125})
         torch.manual_seed(1 + r)
         out = fima(fima_batch(B=2, S=64))
         out["loss"].backward()

@@ -27,7 +27,7 @@ def make_batch(B=2, T=16, S=32, seed=0):
 
 def tiny(**kw):
     torch.manual_seed(0)
-    kw = {"cluster": 12, "proto_queue": 10, "split": 2, "queue_start": 1, **kw}
+    kw = {"cluster": 12, "proto_queue": 10, "split": 2, "proto_queue_start": 1, **kw}
     return build_objective("multilevel", backbone_kwargs=TINY, **kw).train()
 
 
@@ -196,7 +196,7 @@ def test_graph_target_carries_no_gradient():
 def test_prototype_queue_and_state_dict_round_trip():
     """The queue takes the batch's A/B logits as its newest rows at every training step (not in eval);
     from `queue_start` the codes come from Sinkhorn over the whole queue; the queue travels in state_dict."""
-    obj = tiny(queue_start=1)
+    obj = tiny(proto_queue_start=1)
     batch = make_batch()
     queue0 = obj.proto_queue.clone()
     obj(batch)
@@ -215,7 +215,7 @@ def test_prototype_queue_and_state_dict_round_trip():
     b.set_epoch(1)
     assert abs(a(batch)["loss_proto"].item() - b(batch)["loss_proto"].item()) > 1e-6
 
-    restored = tiny(queue_start=1)
+    restored = tiny(proto_queue_start=1)
     restored.load_state_dict(obj.state_dict())
     assert torch.equal(restored.proto_queue, obj.proto_queue)
     for m in (restored, obj):
@@ -251,7 +251,7 @@ def _ddp_worker(r, world, tmp):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=r, world_size=world)
     try:
-        raw = tiny(split=1, queue_start=1)  # same initial weights on both ranks (seeded)
+        raw = tiny(split=1, proto_queue_start=1)  # same initial weights on both ranks (seeded)
         model = DDP(raw, broadcast_buffers=False)  # no find_unused_parameters
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
         graph0 = [p.detach().clone() for p in raw.graph_heads.parameters()]

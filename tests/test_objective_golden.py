@@ -24,12 +24,12 @@ from model import build_objective  # noqa: E402
 GOLDEN = Path(__file__).parent / "data" / "objective_golden.json"
 FIMA_CLIPS = ("rgb_m", "rgb_n", "diff_m", "diff_n", "diff_m1", "diff_m2", "diff_n1", "diff_n2")
 CASES = {
-    "moco": dict(backbone="i3d", K=16, backbone_kwargs={"width": 0.125}),
-    "fame": dict(backbone="i3d", K=16, backbone_kwargs={"width": 0.125}),
-    "fima": dict(backbone="i3d", K=16, dense_K=64, backbone_kwargs={"width": 0.125}),
-    "fima_batch_negatives": dict(objective="fima", backbone="i3d", K=0, batch_negatives=True, bn_groups=1,
+    "moco": dict(backbone="i3d", queue_size=16, backbone_kwargs={"width": 0.125}),
+    "fame": dict(backbone="i3d", queue_size=16, backbone_kwargs={"width": 0.125}),
+    "fima": dict(backbone="i3d", queue_size=16, dense_queue_size=64, backbone_kwargs={"width": 0.125}),
+    "fima_batch_negatives": dict(objective="fima", backbone="i3d", queue_size=0, batch_negatives=True, bn_groups=1,
                                  backbone_kwargs={"width": 0.125}),
-    "multilevel": dict(backbone="r3d18_ml", cluster=12, proto_queue=10, split=2, queue_start=1,
+    "multilevel": dict(backbone="r3d18_ml", cluster=12, proto_queue=10, split=2, proto_queue_start=1,
                        backbone_kwargs={"widths": (8, 16, 32, 64)}),
 }
 

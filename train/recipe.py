@@ -26,22 +26,26 @@ def bn_groups(cfg: dict, world_size: int) -> int:
     return 1 if world_size > 1 else max(1, min(8, cfg["batch_size"] // 4))
 
 
+# config keys that are also the objectives' constructor arguments, under the same names (model/ takes plain
+# keywords, not configs); FAME's fame_* keys drop the prefix (the config is flat, FAME's arguments are its own)
+MOCO_KEYS = ("queue_size", "momentum_ema", "temperature", "self_negative_bug", "batch_negatives")
+FIMA_KEYS = ("dense_queue_size", "dense_temperature", "dense_weight", "pos_ratio", "dense_coords")
+FAME_KEYS = ("fame_beta", "fame_hue_wrap_bug", "fame_skip_shared_background")
+MULTILEVEL_KEYS = ("cluster", "temperature", "split", "graph_threshold", "proto_queue", "proto_queue_start")
+
+
 def objective_kwargs(cfg: dict, world_size: int = 1) -> dict:
-    """Config keys -> the objective's constructor arguments (model/ takes plain keywords, not configs)."""
-    width = {"backbone_kwargs": {"width": cfg["backbone_width"]}} if cfg["backbone_width"] != 1.0 else {}
+    """Config keys -> the objective's constructor arguments."""
+    kw = {"backbone": cfg["backbone"]}
+    if cfg["backbone_width"] != 1.0:
+        kw["backbone_kwargs"] = {"width": cfg["backbone_width"]}
     if cfg["objective"] == "multilevel":
-        return dict(backbone=cfg["backbone"], cluster=cfg["cluster"], T=cfg["temperature"], split=cfg["split"],
-                    thres=cfg["graph_threshold"], proto_queue=cfg["proto_queue"], queue_start=cfg["proto_queue_start"],
-                    **width)
-    kw = dict(backbone=cfg["backbone"], K=cfg["queue_size"], m=cfg["momentum_ema"], T=cfg["temperature"],
-              self_negative_bug=cfg["self_negative_bug"], bn_groups=bn_groups(cfg, world_size),
-              batch_negatives=cfg["batch_negatives"], **width)
+        return kw | {k: cfg[k] for k in MULTILEVEL_KEYS}
+    kw |= {k: cfg[k] for k in MOCO_KEYS} | {"bn_groups": bn_groups(cfg, world_size)}
     if cfg["objective"] == "fima":
-        kw.update(dense_K=cfg["dense_queue_size"], dense_T=cfg["dense_temperature"], dense_weight=cfg["dense_weight"],
-                  pos_ratio=cfg["pos_ratio"], dense_coords=cfg["dense_coords"])
+        kw |= {k: cfg[k] for k in FIMA_KEYS}
     if cfg["objective"] == "fame":
-        kw.update(beta=cfg["fame_beta"], hue_wrap_bug=cfg["fame_hue_wrap_bug"],
-                  skip_shared_background=cfg["fame_skip_shared_background"])
+        kw |= {k.removeprefix("fame_"): cfg[k] for k in FAME_KEYS}
     return kw
 
 
