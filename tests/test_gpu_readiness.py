@@ -169,20 +169,21 @@ def test_resume_an_eight_gpu_checkpoint_on_fewer_gpus(tmp_path):
 # ---------------------------------------------------------------------------------------------- 6: decode need per rank
 
 def test_doctor_compares_one_gpus_decoding_with_one_ranks_consumption(monkeypatch):
-    from train.doctor.cli import Doctor
     from train.doctor.core import PASS, WARN, Result
+    from train.doctor.facts import Facts
+    from train.doctor.run import compare_decode_with_training
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    doc = Doctor(load_config("demo"), selected=[])
-    doc._cache["train_main"] = {"ok": True, "batch": 16, "time_s": 1.0}     # a measured step: 16 videos/s per rank
-    assert doc._decode_need("gpu")[0] == 16.0
-    assert doc._decode_need("cpu")[0] == 128.0 and doc._consumption()[0] == 128.0    # shared cores, shared disk
-    doc.run_backend = "gpu"            # what a GPU node runs as; its decode.gpu measured 20 videos/s on one GPU
-    doc.results["decode.gpu"] = Result("decode.gpu", PASS, "20 videos/s", measured={"videos_per_s": 20.0})
-    doc._finalise()
-    assert doc.results["decode.gpu"].status == PASS, doc.results["decode.gpu"].fix
-    doc.results["decode.gpu"] = Result("decode.gpu", PASS, "10 videos/s", measured={"videos_per_s": 10.0})
-    doc._finalise()
-    assert doc.results["decode.gpu"].status == WARN
+    facts = Facts(load_config("demo"), selected=[])
+    facts.main_step = {"ok": True, "batch": 16, "time_s": 1.0}     # a measured step: 16 videos/s per rank
+    assert facts.decode_need("gpu")[0] == 16.0
+    assert facts.decode_need("cpu")[0] == 128.0 and facts.consumption()[0] == 128.0    # shared cores, shared disk
+    facts.run_backend = "gpu"            # what a GPU node runs as; its decode.gpu measured 20 videos/s on one GPU
+    facts.results["decode.gpu"] = Result("decode.gpu", PASS, "20 videos/s", measured={"videos_per_s": 20.0})
+    compare_decode_with_training(facts)
+    assert facts.results["decode.gpu"].status == PASS, facts.results["decode.gpu"].fix
+    facts.results["decode.gpu"] = Result("decode.gpu", PASS, "10 videos/s", measured={"videos_per_s": 10.0})
+    compare_decode_with_training(facts)
+    assert facts.results["decode.gpu"].status == WARN
 
 
 # ---------------------------------------------------------------------------------------------- 7: sync_bn
@@ -226,8 +227,8 @@ def test_cuda_switches_keep_fp32_matmuls_exact(restore_cuda_flags):
 def test_the_cuda_switches_are_set_in_one_place():
     import inspect
     import evaluate.context
-    import train.doctor.training
-    for module in (evaluate.context, train.doctor.training, recipe):
+    import train.doctor.facts
+    for module in (evaluate.context, train.doctor.facts, recipe):
         src = inspect.getsource(module)
         if module is recipe:
             src = src.replace(inspect.getsource(recipe.cuda_switches), "")
@@ -239,7 +240,7 @@ def test_the_cuda_switches_are_set_in_one_place():
 # ---------------------------------------------------------------------------------------------- 9: OOM, DALI's memory
 
 def test_doctor_treats_cudnn_and_cublas_allocation_failures_as_out_of_memory():
-    from train.doctor.training import is_oom
+    from train.doctor.facts import is_oom
     assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
     assert is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"))

@@ -1,16 +1,13 @@
-"""The doctor's command line, and the Doctor: every check group in one object."""
+"""The doctor's command line: arguments, the --only/--skip selection, then the run over one Facts."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from ..config import ConfigError, load_config, presets
-from .core import CHECKS, GROUPS, DoctorBase
-from .data import DataChecks
-from .decode import DecodeChecks
-from .dist import DistChecks
-from .env import EnvChecks
-from .training import TrainChecks
+from .core import CHECKS, GROUPS
+from .facts import Facts
+from .run import run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,18 +60,12 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         selected = select(args.only, args.skip)
+        if args.samples < 1:
+            raise ValueError("--samples must be at least 1")
+        if args.memory_limit_gib is not None and args.memory_limit_gib <= 0:
+            raise ValueError("--memory-limit-gib must be positive")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.samples < 1:
-        print("error: --samples must be at least 1", file=sys.stderr)
-        return 2
-    if args.memory_limit_gib is not None and args.memory_limit_gib <= 0:
-        print("error: --memory-limit-gib must be positive", file=sys.stderr)
-        return 2
-    doc = Doctor(cfg, selected, samples=args.samples, memory_limit_gib=args.memory_limit_gib, preset=args.config)
-    return doc.run(json_path=args.json)
-
-
-class Doctor(DoctorBase, EnvChecks, DataChecks, DecodeChecks, TrainChecks, DistChecks):
-    """The checks of every group; `run` executes the selected ones in RUN_ORDER."""
+    facts = Facts(cfg, selected, samples=args.samples, memory_limit_gib=args.memory_limit_gib, preset=args.config)
+    return run(facts, json_path=args.json)
