@@ -358,7 +358,9 @@ def run_child(step: dict, a, timeout: float | None) -> list[dict]:
             rc = p.wait(timeout=timeout)
             why = f"exit code {rc}" if rc >= 0 else f"killed by signal {signal.Signals(-rc).name}"
         except subprocess.TimeoutExpired:
-            rc, why = None, f"stopped after {timeout:.0f} s (the --budget left, or {STEP_TIMEOUT_S} s per step)"
+            limit = (f"the per-step limit of {STEP_TIMEOUT_S} s: a hang?" if timeout >= STEP_TIMEOUT_S else
+                     f"the --budget ran out; its estimate was ~{step.get('estimate_s', '?')} s")
+            rc, why = None, f"stopped after {timeout:.0f} s ({limit})"
         finally:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
