@@ -131,6 +131,12 @@ def test_pretraining_on_damaged_shards_finishes_and_resumes_exactly(damaged_shar
     again = run_train(*common, "max_steps=8", f"out_dir={tmp_path / 'cut'}")
     assert again.returncode == 0 and "3 samples set aside from the start" in again.stdout
     assert "step 8: bad sample" not in again.stdout and len(logged_bad(tmp_path / "cut")) == 3
+    # and it continued from the checkpoints (a fresh start that sets the logged samples aside from its first step
+    # ends with the same tensors, so the end state alone cannot tell a resume from a restart)
+    assert "at step 2 " in resumed.stdout and "at step 7 " in again.stdout, (resumed.stdout[-2000:], again.stdout[-2000:])
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if "loss/loss" in x]
+    assert steps == list(range(1, 9)), steps                # each step logged once: 1-2 cut, 3-7 resumed, 8 again
 
 
 def test_too_many_bad_samples_stop_with_a_checkpoint_and_the_command_that_checks(damaged_shards, tmp_path):

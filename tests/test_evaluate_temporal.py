@@ -28,6 +28,42 @@ def results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def numpy_accuracy(W: np.ndarray, rows: dict) -> tuple[dict, float]:
+    """The temporal-order figures of a bias-free head W [2, C] on cached rows, recomputed with numpy: per clip
+    (forward clips must say 0, reversed ones 1) and per video (logits averaged over a video's clips, forward and
+    reversed separately). Also the smallest logit margin met, so near-ties (float32 vs float64) can be left out."""
+    feats, index = rows["out"].double().numpy(), rows["index"].numpy()
+    c = feats.shape[1] // 2
+    fwd, rev = feats[:, :c] @ W.T, feats[:, c:] @ W.T
+    videos = [np.flatnonzero(index == v) for v in np.unique(index)]
+    means = [fwd[i].mean(0) for i in videos] + [rev[i].mean(0) for i in videos]
+    pf, pr = fwd.argmax(1) == 0, rev.argmax(1) == 1
+    per_video = [m.argmax() == (k >= len(videos)) for k, m in enumerate(means)]
+    margin = min(np.abs(np.diff(np.concatenate([fwd, rev, np.stack(means)]), axis=1)).min(), np.inf)
+    return {"clip_accuracy": np.concatenate([pf, pr]).mean(), "forward_accuracy": pf.mean(),
+            "reversed_accuracy": pr.mean(), "video_accuracy": np.mean(per_video)}, margin
+
+
+def random_heads_match_numpy(rows: dict, trials: int = 40, seed: int = 0) -> list[dict]:
+    """accuracy() against numpy_accuracy for random bias-free heads on the same rows: heads that are right on some
+    clips and wrong on others, where a wrong average shows (a trained head that is right everywhere scores 1.0 by
+    any average). Returns the figures of the heads compared."""
+    g = torch.Generator().manual_seed(seed)
+    c = rows["out"].shape[1] // 2
+    seen = []
+    for _ in range(trials):
+        head = nn.Linear(c, 2, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(2, c, generator=g))
+        want, margin = numpy_accuracy(head.weight.detach().double().numpy(), rows)
+        if margin < 1e-4 * max(1.0, float(rows["out"].abs().max()) * c ** 0.5):
+            continue                                        # a near-tie: float32 may break it either way
+        assert accuracy(head, rows) == pytest.approx(want, abs=1e-6), want   # float32 means
+        seen.append(want)
+    assert len(seen) >= trials // 2
+    return seen
+
+
 def test_maps_are_the_head_at_every_position_of_the_real_feature_map():
     torch.manual_seed(0)
     backbone = build_backbone("r3d18_ml").eval()
@@ -81,6 +117,12 @@ def test_head_learns_order_and_accuracy_counts_forward_and_reversed_clips():
         always.weight.copy_(torch.stack([torch.ones(c), torch.zeros(c)]))
     acc = accuracy(always, rows)
     assert acc == {"clip_accuracy": 0.5, "forward_accuracy": 1.0, "reversed_accuracy": 0.0, "video_accuracy": 0.5}
+    # random heads on clips that differ within a video: every figure as numpy computes it, and the cases where
+    # the per-video average differs from per clip, and forward from reversed, do occur
+    noisy = {**rows, "out": rows["out"] + torch.randn(n, 2 * c, generator=g)}
+    seen = random_heads_match_numpy(noisy)
+    assert any(s["video_accuracy"] != s["clip_accuracy"] for s in seen)
+    assert any(s["forward_accuracy"] != s["reversed_accuracy"] for s in seen)
 
 
 def test_temporal_end_to_end_map_differs_between_moving_object_and_static_background(tmp_path):
@@ -105,14 +147,12 @@ def test_temporal_end_to_end_map_differs_between_moving_object_and_static_backgr
         feats, index = rows["out"].double().numpy(), rows["index"].numpy()
         fwd, rev = feats[:, :512], feats[:, 512:]
         assert fwd.shape == (6, 512) and not np.allclose(fwd, rev)        # the reversed clip's own features
-        pf, pr = (fwd @ W.T).argmax(1) == 0, (rev @ W.T).argmax(1) == 1
-        videos = [np.flatnonzero(index == v) for v in np.unique(index)]
-        assert len(videos) == 2
-        per_video = [(fwd[i] @ W.T).mean(0).argmax() == 0 for i in videos] + \
-                    [(rev[i] @ W.T).mean(0).argmax() == 1 for i in videos]
-        want = {"clip_accuracy": np.concatenate([pf, pr]).mean(), "forward_accuracy": pf.mean(),
-                "reversed_accuracy": pr.mean(), "video_accuracy": np.mean(per_video)}
-        assert res[split] == pytest.approx(want, abs=1e-9), split
+        assert len(np.unique(index)) == 2
+        assert res[split] == pytest.approx(numpy_accuracy(W, rows)[0], abs=1e-6), split
+        # the trained head is right on every clip here (all figures 1.0, whatever the average): the same code on
+        # the same real features with random heads, which are not, so that a wrong average has to show
+        seen = random_heads_match_numpy(rows)
+        assert any(s["forward_accuracy"] != s["reversed_accuracy"] for s in seen), split
     assert res["temporal_order_accuracy"] == pytest.approx(res["test"]["clip_accuracy"])
     assert r["scalars"]["temporal_order_accuracy"] == res["temporal_order_accuracy"]
 
