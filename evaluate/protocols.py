@@ -6,6 +6,8 @@ compares the recipes; what our pipeline cannot reproduce exactly is said in each
 """
 from __future__ import annotations
 
+from pipeline.config import clip_problem
+
 # key: (type, help, commands it applies to). Every key is a --flag (underscores become dashes).
 ALL = ("finetune", "linear", "retrieval", "knn", "cam", "temporal")
 FEAT = ("finetune", "linear", "retrieval", "knn", "temporal")
@@ -136,8 +138,9 @@ def _check(s: dict) -> None:
     for key in ("frames", "stride", "crop", "test_clips", "batch_size", "probe_batch", "knn_k"):
         if key in s and s[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, not {s[key]}")
-    if s["frames"] < 2 or s["crop"] < 16:
-        raise ValueError(f"--frames {s['frames']} / --crop {s['crop']} too small (frames >= 2, crop >= 16)")
+    problem = clip_problem(s["frames"], s["stride"], s["crop"])
+    if problem:
+        raise ValueError(problem.format(frames="--frames", stride="--stride", crop="--crop"))
     if "epochs" in s and s["epochs"] < 0:
         raise ValueError("--epochs must not be negative")
     if s.get("average", "softmax") not in ("softmax", "logits"):

@@ -24,6 +24,19 @@ EVAL_KEYS = ("video", "label", "index", "clip", "crop", "start")
 FRAME0_RULES = ("wrap", "zero", "prev")
 
 
+MIN_FRAMES, MIN_CROP = 2, 16        # a clip needs two frames to move; I3D's and R3D's strides need 16 px
+
+
+def clip_problem(frames: int, stride: int, crop: int) -> str | None:
+    """The one check of a clip's size, for every place that takes one (the training config, the evaluation
+    protocols, AugConfig): None, or what is wrong with {frames}/{stride}/{crop} standing for the caller's own
+    names of the three settings (str.format them in)."""
+    if frames < MIN_FRAMES or stride < 1 or crop < MIN_CROP:
+        return (f"{{frames}}={frames}, {{stride}}={stride}, {{crop}}={crop}: a clip needs {{frames}} >= {MIN_FRAMES}, "
+                f"{{stride}} >= 1 and {{crop}} >= {MIN_CROP}")
+    return None
+
+
 @dataclass
 class AugConfig:
     """Temporal sampling, spatial crop and colour augmentation of every clip a loader produces."""
@@ -59,8 +72,9 @@ class AugConfig:
             raise ValueError(f"frame0={self.frame0!r}: choose one of {FRAME0_RULES}")
         if self.test_crops not in (1, 3):
             raise ValueError(f"test_crops={self.test_crops}: choose 1 or 3")
-        if self.num_frames < 2 or self.stride < 1 or self.crop_size < 8:
-            raise ValueError(f"num_frames={self.num_frames}, stride={self.stride}, crop_size={self.crop_size} out of range")
+        problem = clip_problem(self.num_frames, self.stride, self.crop_size)
+        if problem:
+            raise ValueError(problem.format(frames="num_frames", stride="stride", crop="crop_size"))
 
     @property
     def kernel(self) -> int:

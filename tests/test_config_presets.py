@@ -37,3 +37,25 @@ def test_the_cpu_recipes_differ_from_cpu_small_only_where_they_say():
                                                       "temperature", "cluster", "split", "proto_queue",
                                                       "proto_queue_start", "fame_beta", "fame_skip_shared_background", "crop",
                                                       "batch_size", "min_area"}, (name, changed)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("frames, stride, crop, ok", [(2, 1, 16, True), (16, 2, 224, True), (1, 2, 64, False),
+                                                     (16, 0, 64, False), (16, 2, 15, False)])
+def test_one_clip_rule_for_training_evaluation_and_the_pipeline(frames, stride, crop, ok):
+    """The training config, the evaluation protocols and AugConfig accept and refuse the same clips (they had three
+    different bounds: crop >= 16, >= 16 and >= 8), each naming the settings in its own words."""
+    from evaluate.protocols import resolve
+    from pipeline.config import AugConfig
+    calls = {"train": lambda: load_config("demo", [f"frames={frames}", f"stride={stride}", f"crop={crop}"]),
+             "evaluate": lambda: resolve("knn", "fima", {"frames": frames, "stride": stride, "crop": crop}, None, "i3d"),
+             "pipeline": lambda: AugConfig(num_frames=frames, stride=stride, crop_size=crop)}
+    bad = "frames" if frames < 2 else "stride" if stride < 1 else "crop"
+    words = {"train": f"{bad}=", "evaluate": f"--{bad}",
+             "pipeline": {"frames": "num_frames=", "stride": "stride=", "crop": "crop_size="}[bad]}
+    for where, call in calls.items():
+        if ok:
+            call()
+        else:
+            with pytest.raises((ConfigError, ValueError), match=words[where]):
+                call()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import clip_problem
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"   # the checkout's presets (editable install)
 CONFIGS_ENV = "MOTIONPRETRAIN_CONFIGS"
 
@@ -220,8 +222,9 @@ def load_config(preset: str | Path | None = None, overrides: list[str] = ()) -> 
         except yaml.YAMLError:
             value = v
         cfg[k] = _check(k, value, "the command line")
-    if cfg["crop"] < 16 or cfg["frames"] < 2:
-        raise ConfigError(f"crop={cfg['crop']} / frames={cfg['frames']} are too small (crop >= 16, frames >= 2)")
+    problem = clip_problem(cfg["frames"], cfg["stride"], cfg["crop"])
+    if problem:
+        raise ConfigError(problem.format(frames="frames", stride="stride", crop="crop"))
     if cfg["flip_p"] > 1:
         raise ConfigError(f"flip_p={cfg['flip_p']} is a probability: give a value in [0, 1]")
     if cfg["backbone_width"] <= 0:
