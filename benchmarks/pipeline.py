@@ -11,6 +11,16 @@ that seeks with PyAV, decodes both windows and does the maths in torch. Prints o
 videos/s, batches/s and clips/s of each, and the ratio. With --backend gpu (on a GPU machine) the
 pipeline side runs on the GPU and also reports decoded frames/s and, when pynvml is importable, the mean
 NVDEC utilisation during the timed steps.
+
+    python benchmarks/pipeline.py --feed [--shards OUT/train] [--videos 400] [--profile]
+
+`--feed` times only the host-side feed, the work the loader's feeding threads do per sample before DALI
+(`VideoLoader._feed_at` then `_columns`: read, integrity checks, random draws, GOP trimming, the columns), in one
+thread, with trimming on against trimming off (the baseline). Without --shards it makes Kinetics-like samples
+(10 s at 25 fps = 250 frames, 456x256 rendered, sharded at short side 256, VP9 GOP 16) with the project's own
+sample generator and encoder, a handful of videos fed over and over. Prints one JSON line: videos/s of one
+feeding thread by the wall clock and by the thread's CPU time (the one to read on a loaded machine), and the
+ratio; `--profile` also prints the top functions by own time (cProfile) of the trimmed feed to stderr.
 """
 from __future__ import annotations
 
@@ -163,6 +173,84 @@ def _nvdec_sampler():
     return lambda: (stop.set(), thread.join(), float(np.mean(samples)) if samples else None)[-1]
 
 
+# ------------------------------------------------------------------------------------------ host-side feed
+KINETICS_LIKE = dict(frames=250, width=456, height=256, classes=("right", "left"), train_per_class=2,
+                     test_per_class=1, kind="camera")
+
+
+def kinetics_like_shards(root: Path) -> Path:
+    """Four (and two test) 10-second Kinetics-like videos (250 frames at 25 fps, 16:9, short side 256 after sharding) in
+    root/shards, made once (reused when root already holds them). Returns root/shards/train."""
+    return sample_shards(Path(root), short_side=256, **KINETICS_LIKE) / "train"
+
+
+def feed_rate(shards: Path, outputs: tuple[str, ...], cfg: AugConfig, trim: bool, videos: int,
+              profile: bool = False) -> dict:
+    """One thread feeding ``videos`` samples the way the loader's feeding threads do (epoch order, batch 1):
+    per sample `_feed_at` (read + checks + draws + trimming) and `_columns`. Wall and thread-CPU seconds.
+    ``profile``: a second, untimed pass under cProfile (its overhead is not in the figures)."""
+    loader = pretrain_loader(shards, outputs, batch_size=1, config=cfg, trim=trim)
+    positions = [(e, p) for e in range(-(-videos // len(loader.shards))) for p in range(len(loader))][:videos]
+    for e, p in positions[:min(8, len(positions))]:           # warm-up: page cache, first-call imports
+        loader._columns([loader._feed_at(e, p, p)[1]])
+    wall, cpu = time.perf_counter(), time.thread_time()
+    decoded = 0
+    for e, p in positions:
+        _, feed = loader._feed_at(e, p, p)
+        loader._columns([feed])
+        decoded += feed.decoded
+    cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+    if profile:
+        import cProfile
+        import io as _io
+        import pstats
+        prof = cProfile.Profile(time.thread_time)     # CPU time of this thread: load elsewhere does not count
+        prof.enable()
+        for e, p in positions:
+            loader._columns([loader._feed_at(e, p, p)[1]])
+        prof.disable()
+        text = _io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(15)
+        print(f"--- cProfile of the feed (trim={trim}), {videos} videos, by own time ---\n{text.getvalue()}",
+              file=sys.stderr)
+    sample = loader.shards.read(0)
+    mean_bytes = int(np.mean([loader.shards.read(i).data.nbytes for i in range(len(loader.shards))]))
+    loader.close()
+    return {"wall_s": wall, "cpu_s": cpu, "videos_per_s": videos / wall, "videos_per_cpu_s": videos / cpu,
+            "decoded_frames_per_video": decoded / videos, "frames": sample.num_frames,
+            "size": f"{sample.width}x{sample.height}", "mean_bytes": mean_bytes}
+
+
+def feed_main(args) -> dict:
+    tmp = None
+    if args.shards is None:
+        if args.work is None:
+            tmp = tempfile.TemporaryDirectory()
+        args.shards = kinetics_like_shards(Path(args.work or tmp.name))
+    cfg = AugConfig(num_frames=args.frames, crop_size=args.crop)
+    outputs = OBJECTIVES[args.objective].required_inputs
+    off = feed_rate(args.shards, outputs, cfg, False, args.videos)
+    on = feed_rate(args.shards, outputs, cfg, True, args.videos, profile=args.profile)
+    r = lambda x: round(x, 1)                                              # noqa: E731
+    result = {
+        "benchmark": "pipeline-feed", "objective": args.objective, "frames": args.frames, "stride": cfg.stride,
+        "videos": args.videos, "shards": str(args.shards), "sample_frames": on["frames"], "sample_size": on["size"],
+        "sample_mean_bytes": on["mean_bytes"], "baseline": "the same feed with trimming off (trim=False)",
+        "trim_videos_per_s": r(on["videos_per_s"]), "trim_videos_per_cpu_s": r(on["videos_per_cpu_s"]),
+        "trim_ms_per_video_cpu": round(1000 / on["videos_per_cpu_s"], 3),
+        "trim_decoded_frames_per_video": r(on["decoded_frames_per_video"]),
+        "baseline_videos_per_s": r(off["videos_per_s"]), "baseline_videos_per_cpu_s": r(off["videos_per_cpu_s"]),
+        "baseline_ms_per_video_cpu": round(1000 / off["videos_per_cpu_s"], 3),
+        "baseline_decoded_frames_per_video": r(off["decoded_frames_per_video"]),
+        "ratio": round(on["videos_per_cpu_s"] / off["videos_per_cpu_s"], 3),      # trimmed feed / untrimmed, CPU
+        "target_videos_per_s": 600, "meets_target": on["videos_per_cpu_s"] >= 600,
+    }
+    print(json.dumps(result))
+    if tmp is not None:
+        tmp.cleanup()
+    return result
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shards", type=Path, help="a shard set folder (OUT/train); default: shard ucf101-mini")
@@ -174,7 +262,14 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backend", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="baseline DataLoader workers")
+    p.add_argument("--feed", action="store_true", help="time only the host-side feed in one thread, trimming on "
+                   "against off; without --shards on Kinetics-like samples (250 frames, short side 256)")
+    p.add_argument("--videos", type=int, default=400, help="--feed: samples fed per side")
+    p.add_argument("--profile", action="store_true", help="--feed: cProfile of the trimmed feed to stderr")
+    p.add_argument("--work", type=Path, help="--feed: keep the Kinetics-like shards here (made once, then reused)")
     args = p.parse_args(argv)
+    if args.feed:
+        return feed_main(args)
 
     tmp = None
     if args.shards is None:

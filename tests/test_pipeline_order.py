@@ -115,6 +115,43 @@ def test_gop_trimming_is_lossless(ucf_shards):
         loader.close()
 
 
+def _reference_ivf(data, track, frames):
+    """The IVF stream of the kept GOP segments built frame by frame (what pipeline.container.trim_to_ivf did before
+    it was vectorised): the bytes the vectorised version must give."""
+    import struct
+    from pipeline.container import IVF_FOURCC, IVF_HEADER
+    n = track.num_samples
+    frames = np.clip(frames, 0, n - 1)
+    keys = track.keyframes
+    first_key = keys[np.maximum(np.searchsorted(keys, frames, side="right") - 1, 0)]
+    keep = np.zeros(n, dtype=bool)
+    for k, f in zip(first_key, frames):
+        keep[min(k, f):f + 1] = True
+    kept = np.flatnonzero(keep)
+    parts = [IVF_HEADER.pack(b"DKIF", 0, IVF_HEADER.size, IVF_FOURCC[track.codec], track.width, track.height,
+                             25, 1, len(kept), 0)]
+    raw = np.ascontiguousarray(data, dtype=np.uint8)
+    for pts, i in enumerate(kept):
+        o, size = int(track.offsets[i]), int(track.sizes[i])
+        parts += [struct.pack("<IQ", size, pts), raw[o:o + size].tobytes()]
+    return b"".join(parts), np.searchsorted(kept, frames).astype(np.int32)
+
+
+def test_the_trimmed_stream_is_the_frame_by_frame_one_byte_for_byte(synthetic_shards):
+    from pipeline.container import trim_to_ivf
+    shards, rng = ShardSet(synthetic_shards / "train"), np.random.default_rng(0)
+    for i in range(len(shards)):
+        sample = shards.read(i)
+        n = sample.track.num_samples
+        cases = [np.array([0]), np.array([n - 1]), np.arange(n), np.array([n + 5])]       # past the end: clipped
+        cases += [np.unique(rng.integers(0, n, size=rng.integers(1, 80))) for _ in range(10)]
+        for frames in cases:
+            ivf, at = trim_to_ivf(sample.data, sample.track, frames)
+            ref, ref_at = _reference_ivf(sample.data, sample.track, frames)
+            assert ivf.dtype == np.uint8 and ivf.tobytes() == ref and at.dtype == np.int32 and np.array_equal(at, ref_at)
+    shards.close()
+
+
 def test_clear_errors(tmp_path, sample_videos):
     moco = OBJECTIVES["moco"].required_inputs
     with pytest.raises(FileNotFoundError, match="python -m preprocess"):
