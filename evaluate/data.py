@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import AugConfig, ShardSet
+from preprocess import shard_format as fmt
 
 from .backbone import EvalError
 
@@ -51,7 +52,10 @@ def open_split(name: str, path: Path, labelled: bool = True) -> Split:
     m = shards.manifest
     if labelled:
         # the manifest's labels: a damaged sample's bytes must not make the whole set look unlabelled
-        listed = [r["label"] for r in m.get("samples", []) if "label" in r]
+        # read as numbers from the list's text (shard_format.manifest_labels), parsed only for other layouts
+        listed = fmt.manifest_labels(path / fmt.MANIFEST)
+        if listed is None:
+            listed = [r["label"] for r in m.get("samples", []) if "label" in r]
         labels = np.asarray(listed) if len(listed) == len(shards) else shards.labels()
         missing = int((labels < 0).sum())
         if missing:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +190,50 @@ def test_the_manifest_head_is_read_without_parsing_the_per_sample_list(synthetic
     (tmp_path / "manifest.json").write_text(text[:start] + "\n  not JSON at all" + text[end:])   # never parsed
     head = fmt.manifest_head(tmp_path / "manifest.json")
     assert head == {k: v for k, v in full.items() if k != "samples"}
+
+
+def test_the_manifest_labels_are_read_as_numbers_and_other_layouts_are_left_to_the_parser(synthetic_shards, tmp_path):
+    for split in ("train", "test"):
+        path = synthetic_shards / split / "manifest.json"
+        full = json.loads(path.read_text())
+        labels = fmt.manifest_labels(path)
+        assert labels.dtype == np.int64 and labels.tolist() == [r["label"] for r in full["samples"] if "label" in r]
+    full = json.loads((synthetic_shards / "train" / "manifest.json").read_text())
+    odd = tmp_path / "manifest.json"
+    # a record without a label is left out (as the list comprehension does); a nested "label" is not a record's
+    full["samples"][0].pop("label")
+    full["samples"][1]["extra"] = {"label": 99}
+    odd.write_text(json.dumps(full, indent=1, sort_keys=True))
+    assert fmt.manifest_labels(odd).tolist() == [r["label"] for r in full["samples"] if "label" in r]
+    # a label that is not a plain integer, another layout, an empty file: None, the caller parses the list
+    full["samples"][2]["label"] = None
+    odd.write_text(json.dumps(full, indent=1, sort_keys=True))
+    assert fmt.manifest_labels(odd) is None
+    odd.write_text(json.dumps(full))
+    assert fmt.manifest_labels(odd) is None
+    odd.write_text("")
+    assert fmt.manifest_labels(odd) is None
+
+
+def test_the_manifest_records_of_a_few_keys_are_found_without_parsing_the_list(synthetic_shards, tmp_path):
+    full = json.loads((synthetic_shards / "train" / "manifest.json").read_text())
+    by_key = {r["key"]: r for r in full["samples"]}
+    keys = list(by_key)[:3] + ["not-a-key"]
+    found, any_record = fmt.manifest_records(synthetic_shards / "train" / "manifest.json", keys)
+    assert any_record and found == {k: by_key[k] for k in keys[:3]}
+    # a key listed twice: the last record (as a dict built from the list); a key with non-ASCII letters, written
+    # as preprocess writes it (ensure_ascii=False) or escaped; a nested "key" is not a record's
+    odd = tmp_path / "manifest.json"
+    dup = dict(full["samples"][0], label=5)
+    full["samples"] += [dup, dict(full["samples"][1], key="café-1"), {"frames": 1, "nested": {"key": "x"}}]
+    for ascii_only in (False, True):
+        odd.write_text(json.dumps(full, indent=1, sort_keys=True, ensure_ascii=ascii_only))
+        ref = {r.get("key"): r for r in full["samples"] if isinstance(r, dict)}
+        found, any_record = fmt.manifest_records(odd, [dup["key"], "café-1", "x"])
+        assert any_record and found == {k: ref[k] for k in (dup["key"], "café-1")}
+    # no records; another layout: None, the caller parses the list
+    full["samples"] = []
+    odd.write_text(json.dumps(full, indent=1, sort_keys=True))
+    assert fmt.manifest_records(odd, ["x"]) == ({}, False)
+    odd.write_text(json.dumps(full))
+    assert fmt.manifest_records(odd, ["x"]) is None

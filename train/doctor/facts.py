@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import os
 import re
@@ -120,7 +121,8 @@ class Facts:
                 raise Fail("no data configured", "set data=OUT/train (a shard set written by `python -m preprocess`)")
             data = Path(self.cfg["data"])
             try:
-                manifest = fmt.load_manifest(data)
+                # without the per-sample list: data.samples looks up the records of the samples it reads
+                manifest = fmt.load_manifest(data, samples=False)
             except (FileNotFoundError, ValueError) as e:
                 raise Fail(f"no usable shard set at {data}", str(e))
             listed = manifest["shards"]
@@ -159,8 +161,8 @@ class Facts:
         """The N sampled samples read in full, with everything that disagrees: {"infos": [...], "problems": [...]}."""
         s = self.shards
         manifest, tars, indexes = s["manifest"], s["tars"], s["indexes"]
-        records = {r.get("key"): r for r in manifest.get("samples") or [] if isinstance(r, dict)}
         n_classes = len(manifest.get("classes") or [])
+        records = _Records(s["dir"])
         infos, problems = [], []
         for t, j in _spread(self.n_samples, [len(ix) for ix in indexes]):
             info, found = _read_sample(tars[t], t, j, indexes[t][j], records, n_classes)
@@ -421,6 +423,53 @@ def _spread(n: int, counts: list[int]) -> list[tuple[int, int]]:
         t = max(i for i, s in enumerate(starts[:-1]) if s <= g and counts[i] > 0)
         out.append((t, g - starts[t]))
     return out
+
+
+class _Records:
+    """The manifest's records by key, as ``{r.get("key"): r for r in manifest["samples"] if isinstance(r, dict)}``
+    would hold them, for the few samples data.samples reads: each looked up in the per-sample list's text when it is
+    asked for (shard_format.manifest_records), the whole list parsed only when it is laid out otherwise. True when
+    the list holds any record (a key missing from a manifest that lists records is a problem)."""
+
+    def __init__(self, data: Path):
+        from preprocess import shard_format as fmt
+        self.data, self.path = data, data / fmt.MANIFEST
+        self._found: dict = {}
+        self._any: bool | None = None
+        self._all: dict | None = None
+
+    def _parse_all(self) -> dict:
+        if self._all is None:
+            try:
+                listed = json.loads(self.path.read_text()).get("samples") or []
+            except ValueError as e:
+                raise Fail(f"no usable shard set at {self.data}", str(e))
+            self._all = {r.get("key"): r for r in listed if isinstance(r, dict)}
+        return self._all
+
+    def _lean(self, keys) -> tuple[dict, bool] | None:
+        from preprocess import shard_format as fmt
+        if self._all is not None:
+            return None
+        try:
+            return fmt.manifest_records(self.path, keys)
+        except ValueError:
+            return None
+
+    def get(self, key, default=None):
+        if key not in self._found:
+            lean = self._lean([key]) if isinstance(key, str) else None
+            if lean is None:
+                self._found[key] = self._parse_all().get(key)
+            else:
+                self._found[key], self._any = lean[0].get(key), lean[1]
+        return self._found[key] if self._found[key] is not None else default
+
+    def __bool__(self) -> bool:
+        if self._any is None:
+            lean = self._lean([])
+            self._any = lean[1] if lean is not None else bool(self._parse_all())
+        return self._any
 
 
 def _read_sample(tar: Path, t: int, j: int, comps: dict, records: dict, n_classes: int) -> tuple[dict, list[str]]:
