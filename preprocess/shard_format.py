@@ -135,14 +135,16 @@ def manifest_head(path: str | Path) -> dict:
     return whole
 
 
+_NO_SAMPLES = b'\n "samples": [],'       # an empty per-sample list, right before "shards"
+
+
 def _samples_span(mm) -> tuple[int, int] | None:
     """(start, end) of the text of a manifest's per-sample list as `python -m preprocess` writes it (from the
     newline before "samples" to the one before "shards"), found without reading the list; None for other layouts."""
     i = mm.find(b'\n "samples": [')
     j = mm.rfind(b'\n "shards": [') if i >= 0 else -1     # searched from the end: the list is not touched
     # the list's closing bracket right before "shards": nothing else sits between them
-    if i >= 0 and j > i and (mm[i:i + 17] == b'\n "samples": []' and i + 18 == j
-                             or mm.rfind(b'\n ]', i, j) == j - 4 and mm[j - 1:j] == b","):
+    if i >= 0 and j > i and (mm[i:j] == _NO_SAMPLES or mm.rfind(b'\n ]', i, j) == j - 4 and mm[j - 1:j] == b","):
         return i, j
     return None
 
@@ -186,7 +188,7 @@ def manifest_records(path: str | Path, keys) -> tuple[dict[str, dict], bool] | N
                 return None
             i, j = span
             if mm.find(b"\n  {", i, j) < 0:        # no record (an empty list, or none that is an object)
-                return ({}, False) if mm[i:i + 17] == b'\n "samples": []' else None
+                return ({}, False) if mm[i:j] == _NO_SAMPLES else None
             found = {}
             for key in set(keys):
                 # a record's own keys sit at exactly 3 spaces of indent, its braces at 2 (indent 1, sorted keys);
