@@ -243,16 +243,18 @@ def test_finetune_end_to_end_then_resume(synthetic_shards, ckpt, tmp_path, capsy
     assert "other settings" in capsys.readouterr().err
 
 
-def _moving_square_shards(root: Path) -> Path:
-    """A moving white square and a static one of the same size on a flat grey background, 2 classes."""
-    T, H, W, s = 32, 240, 320, 56
-    frames = np.full((T, H, W, 3), 128, np.uint8)
-    for t in range(T):
-        frames[t, 150:150 + s, 180:180 + s] = 255                       # static, lower band
-        x = int(60 + 140 * t / (T - 1))
-        frames[t, 40:40 + s, x:x + s] = 255                             # moving left to right, upper band
-    for split in ("train", "test"):
-        for c in ("a", "b"):
+def _moving_square_shards(root: Path, T: int = 32, b_slower: bool = False) -> Path:
+    """A moving white square and a static one of the same size on a flat grey background, 2 classes (b_slower:
+    class b's square covers half the way, so the two videos differ; with T > 32 a video's clips differ too)."""
+    H, W, s = 240, 320, 56
+    for c in ("a", "b"):
+        frames = np.full((T, H, W, 3), 128, np.uint8)
+        way = 70 if c == "b" and b_slower else 140
+        for t in range(T):
+            frames[t, 150:150 + s, 180:180 + s] = 255                   # static, lower band
+            x = int(60 + way * t / (T - 1))
+            frames[t, 40:40 + s, x:x + s] = 255                         # moving left to right, upper band
+        for split in ("train", "test"):
             (root / "src" / split / c).mkdir(parents=True)
             encode(frames, root / "src" / split / c / "v.mp4")
     assert preprocess_main([str(root / "src"), str(root / "shards"), "--no-progress"]) == 0

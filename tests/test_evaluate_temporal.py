@@ -44,17 +44,23 @@ def numpy_accuracy(W: np.ndarray, rows: dict) -> tuple[dict, float]:
             "reversed_accuracy": pr.mean(), "video_accuracy": np.mean(per_video)}, margin
 
 
-def random_heads_match_numpy(rows: dict, trials: int = 40, seed: int = 0) -> list[dict]:
+def random_heads_match_numpy(rows: dict, trials: int = 40, seed: int = 0, across_mean: bool = False) -> list[dict]:
     """accuracy() against numpy_accuracy for random bias-free heads on the same rows: heads that are right on some
     clips and wrong on others, where a wrong average shows (a trained head that is right everywhere scores 1.0 by
-    any average). Returns the figures of the heads compared."""
+    any average). across_mean: the heads' two rows are +d and -d with d orthogonal to the mean clip feature.
+    Returns the figures of the heads compared."""
     g = torch.Generator().manual_seed(seed)
     c = rows["out"].shape[1] // 2
+    mean = rows["out"].double().reshape(-1, 2, c).mean((0, 1))
     seen = []
     for _ in range(trials):
         head = nn.Linear(c, 2, bias=False)
+        w = torch.randn(2, c, generator=g)
+        if across_mean:
+            d = w[0].double() - (w[0].double() @ mean) / (mean @ mean) * mean
+            w = torch.stack([d, -d]).float()
         with torch.no_grad():
-            head.weight.copy_(torch.randn(2, c, generator=g))
+            head.weight.copy_(w)
         want, margin = numpy_accuracy(head.weight.detach().double().numpy(), rows)
         if margin < 1e-4 * max(1.0, float(rows["out"].abs().max()) * c ** 0.5):
             continue                                        # a near-tie: float32 may break it either way
@@ -127,7 +133,7 @@ def test_head_learns_order_and_accuracy_counts_forward_and_reversed_clips():
 
 def test_temporal_end_to_end_map_differs_between_moving_object_and_static_background(tmp_path):
     """A moving square and an identical static one on a flat background: the temporal map is not the same on both."""
-    shards = _moving_square_shards(tmp_path)
+    shards = _moving_square_shards(tmp_path, T=64, b_slower=True)   # clips that differ, within and across videos
     out, S, cols = tmp_path / "temporal", 96, 8
     assert main(["temporal", "--random-init", "--backbone", "r3d18", "--data", str(shards), "--videos", "0",
                  "--crop", str(S), "--tile", str(S), "--frames", "16", "--test-clips", "3", "--epochs", "60",
@@ -148,11 +154,18 @@ def test_temporal_end_to_end_map_differs_between_moving_object_and_static_backgr
         fwd, rev = feats[:, :512], feats[:, 512:]
         assert fwd.shape == (6, 512) and not np.allclose(fwd, rev)        # the reversed clip's own features
         assert len(np.unique(index)) == 2
+        first = np.flatnonzero(index == index[0])
+        assert not np.allclose(fwd[first[0]], fwd[first[1]]) and not np.allclose(fwd[first[0]], fwd[index != index[0]][0])
         assert res[split] == pytest.approx(numpy_accuracy(W, rows)[0], abs=1e-6), split
-        # the trained head is right on every clip here (all figures 1.0, whatever the average): the same code on
-        # the same real features with random heads, which are not, so that a wrong average has to show
+        # a trained head that is right on every clip scores 1.0 by any average: the same code on the same real
+        # features with random heads, which are not, so that a wrong average has to show
         seen = random_heads_match_numpy(rows)
         assert any(s["forward_accuracy"] != s["reversed_accuracy"] for s in seen), split
+        # heads whose two rows differ across the clips' mean feature (every clip shares a large positive
+        # component) turn on how clips differ: some are right on part of a video, where per video and per clip
+        # differ (a video := clip mix-up passes when they never do)
+        seen = random_heads_match_numpy(rows, across_mean=True)
+        assert any(s["video_accuracy"] != s["clip_accuracy"] for s in seen), split
     assert res["temporal_order_accuracy"] == pytest.approx(res["test"]["clip_accuracy"])
     assert r["scalars"]["temporal_order_accuracy"] == res["temporal_order_accuracy"]
 
