@@ -13,6 +13,7 @@ DALI pipeline reads them with ``dtypes=INT32`` without any Python; ``json`` is f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -149,22 +150,30 @@ def _samples_span(mm) -> tuple[int, int] | None:
     return None
 
 
+@contextlib.contextmanager
+def _mapped_samples(path: str | Path):
+    """The manifest mapped read-only and the (start, end) of its per-sample list's text (span None: an empty file
+    or another layout)."""
+    import mmap
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield None, None
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            yield mm, _samples_span(mm)
+
+
 def manifest_labels(path: str | Path):
     """The "label" of every per-sample record that has one, in list order (int64 array), read as numbers from the
     list's text without building a Python object per sample (at 650,000 samples: ~5 MB instead of ~700 MB); what
     ``[r["label"] for r in manifest["samples"] if "label" in r]`` gives. None when the manifest is laid out
     otherwise or a label is not a plain integer (the caller parses the list)."""
-    import mmap
     import re
     import numpy as np
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
+    with _mapped_samples(path) as (mm, span):
+        if span is None:
             return None
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            span = _samples_span(mm)
-            if span is None:
-                return None
-            text = mm[span[0]:span[1]]
+        text = mm[span[0]:span[1]]
     # indent 1: a record's own keys sit at exactly 3 spaces (a string holds no raw newline, nested keys sit deeper)
     keys = text.count(b'\n   "label": ')
     found = re.findall(rb'\n   "label": (-?[0-9]+)(?=,?\n)', text)
@@ -178,34 +187,29 @@ def manifest_records(path: str | Path, keys) -> tuple[dict[str, dict], bool] | N
     record), read by finding each key in the list's text and parsing only its record: what
     ``{r.get("key"): r for r in manifest["samples"] if isinstance(r, dict)}`` gives for those keys (a key listed
     twice: the last record, as there). None when the manifest is laid out otherwise (the caller parses the list)."""
-    import mmap
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
+    with _mapped_samples(path) as (mm, span):
+        if span is None:
             return None
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            span = _samples_span(mm)
-            if span is None:
-                return None
-            i, j = span
-            if mm.find(b"\n  {", i, j) < 0:        # no record (an empty list, or none that is an object)
-                return ({}, False) if mm[i:j] == _NO_SAMPLES else None
-            found = {}
-            for key in set(keys):
-                # a record's own keys sit at exactly 3 spaces of indent, its braces at 2 (indent 1, sorted keys);
-                # the key as json.dumps writes it, with and without \u escapes
-                for text in {json.dumps(key).encode(), json.dumps(key, ensure_ascii=False).encode()}:
-                    at = max(mm.rfind(b'\n   "key": ' + text + b",\n", i, j),
-                             mm.rfind(b'\n   "key": ' + text + b"\n  }", i, j))
-                    if at < 0:
-                        continue
-                    start, end = mm.rfind(b"\n  {", i, at), mm.find(b"\n  }", at, j)
-                    if start < 0 or end < 0:
-                        return None
-                    record = json.loads(mm[start:end + 4])
-                    if not isinstance(record, dict) or record.get("key") != key:
-                        return None
-                    found[key] = record
-                    break
+        i, j = span
+        if mm.find(b"\n  {", i, j) < 0:        # no record (an empty list, or none that is an object)
+            return ({}, False) if mm[i:j] == _NO_SAMPLES else None
+        found = {}
+        for key in set(keys):
+            # a record's own keys sit at exactly 3 spaces of indent, its braces at 2 (indent 1, sorted keys);
+            # the key as json.dumps writes it, with and without \u escapes
+            for text in {json.dumps(key).encode(), json.dumps(key, ensure_ascii=False).encode()}:
+                at = max(mm.rfind(b'\n   "key": ' + text + b",\n", i, j),
+                         mm.rfind(b'\n   "key": ' + text + b"\n  }", i, j))
+                if at < 0:
+                    continue
+                start, end = mm.rfind(b"\n  {", i, at), mm.find(b"\n  }", at, j)
+                if start < 0 or end < 0:
+                    return None
+                record = json.loads(mm[start:end + 4])
+                if not isinstance(record, dict) or record.get("key") != key:
+                    return None
+                found[key] = record
+                break
     return found, True
 
 
