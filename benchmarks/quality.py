@@ -14,6 +14,10 @@ table between the README's `<!-- quality:begin -->` and `<!-- quality:end -->` m
 Everything lands in --work (runs/, eval/, cache/) and is reused when the same command runs again: a finished
 pretraining resumes at its last step and stops, a probe whose results.json exists is read, not rerun (--fresh
 reruns the probes). So a long benchmark survives interruption, and seeds or objectives can be added later.
+--record DIR keeps what the table is made of (each probe's result, each pretraining's seconds and monitor curve:
+a few KB per run, meant to be committed) under the settings that produced it: a later invocation, on another
+machine with an empty --work, reads every entry whose settings (recipe, overrides, data, probe flags) are its own
+and runs only what is missing, so a table larger than one sitting's compute is built over several.
 
     python benchmarks/quality.py --data shards/ucf9 --work runs/quality --report docs    # 4 objectives x 3 seeds
     python benchmarks/quality.py --data shards/ucf9 --objectives fima moco --seeds 0 1 --finetune-seeds 0
@@ -26,12 +30,12 @@ On the 2-core CPU here a full run on ucf9 (4 objectives x 3 seeds, fine-tuning o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,15 +53,13 @@ PROBES = ("knn", "linear", "finetune")
 MARKERS = "<!-- {name}:begin -->", "<!-- {name}:end -->"   # the README block --readme writes (--block NAME)
 
 
-def pretrain(preset: str, data: Path, objective: str, seed: int, out: Path, overrides: list[str]) -> float:
-    """Runs (or, when out/ holds the finished run, resumes at its end) one pretraining; returns its seconds."""
-    t0 = time.perf_counter()
+def pretrain(preset: str, data: Path, objective: str, seed: int, out: Path, overrides: list[str]) -> None:
+    """Runs (or, when out/ holds the finished run, resumes at its end) one pretraining."""
     cmd = [sys.executable, "-m", "train", "--no-progress", "--config", preset, f"data={data / 'train'}",
            f"monitor={data}", f"objective={objective}", f"seed={seed}", f"out_dir={out}", *overrides]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"pretraining failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
-    return time.perf_counter() - t0
 
 
 def probe(command: str, model: list[str], data: Path, out: Path, cache: Path, flags: list[str], fresh: bool) -> dict:
@@ -71,11 +73,51 @@ def probe(command: str, model: list[str], data: Path, out: Path, cache: Path, fl
     return json.loads((out / "results.json").read_text())["result"]
 
 
-def monitor_curve(run: Path) -> list[tuple[int, float]]:
-    """(step, kNN top-1) of the run's quality monitor (metrics.jsonl)."""
+def run_log(run: Path) -> dict:
+    """From the run's metrics.jsonl: its training seconds (first to last logged row: the same figure whether this
+    call trained or found the run finished) and (step, kNN top-1) of its quality monitor."""
     path = run / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return [(r["step"], r["monitor/knn_top1"]) for r in rows if "monitor/knn_top1" in r]
+    times = [r["time"] for r in rows if "time" in r]
+    return {"seconds": round(times[-1] - times[0], 1) if times else None,
+            "monitor": [(r["step"], r["monitor/knn_top1"]) for r in rows if "monitor/knn_top1" in r]}
+
+
+class Record:
+    """--record DIR: one JSON file per probe result and per pretraining (NAME.json), each with the settings that
+    produced it; an entry is used only when its settings are the ones asked for now (a changed recipe, override,
+    data set or probe flag reruns it and replaces the entry)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    @staticmethod
+    def _key(settings: dict) -> str:
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def get(self, name: str, settings: dict) -> dict | None:
+        path = self.folder / f"{name}.json" if self.folder else None
+        if path is None or not path.is_file():
+            return None
+        entry = json.loads(path.read_text())
+        return entry["value"] if entry.get("settings_key") == self._key(settings) else None
+
+    def put(self, name: str, settings: dict, value: dict) -> None:
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f".{name}.json.tmp"
+            tmp.write_text(json.dumps({"name": name, "settings_key": self._key(settings), "settings": settings,
+                                       "value": value}, indent=1, sort_keys=True, default=str) + "\n")
+            tmp.replace(self.folder / f"{name}.json")
+
+
+def data_identity(data: Path) -> dict:
+    """What a record entry's data is, independent of where the shards lie: per split its data set, split, sample
+    count, classes and encoding (short side, codec, GOP: what the clips are made of)."""
+    from preprocess import shard_format as fmt
+    heads = {split: fmt.manifest_head(data / split / fmt.MANIFEST) for split in ("train", "test")}
+    return {split: {k: h.get(k) for k in ("dataset", "split", "num_samples", "classes", "encoding", "shuffle_seed")}
+            for split, h in heads.items()}
 
 
 def stats(values: list[float]) -> dict:
@@ -165,7 +207,10 @@ def main() -> None:
                    "and their random inits (default: every objective run; fine-tuning is the probe that costs most)")
     p.add_argument("--work", type=Path, help="folder for data, runs and results, reused by a rerun (default: a temp "
                    "folder)")
-    p.add_argument("--fresh", action="store_true", help="rerun the probes even where results exist in --work")
+    p.add_argument("--fresh", action="store_true", help="rerun the probes even where results exist in --work "
+                   "(and --record)")
+    p.add_argument("--record", type=Path, help="read and extend this folder of results (one small JSON per probe and "
+                   "pretraining, with its settings; commit it): what it holds for the same settings is not rerun")
     p.add_argument("--report", type=Path, help="write quality.md (the table) and quality.png (the picture) here")
     p.add_argument("--readme", type=Path, help="write the table into this file between its <!-- BLOCK:begin --> and "
                    "<!-- BLOCK:end --> markers")
@@ -178,6 +223,7 @@ def main() -> None:
     base = ([] if a.data else SAMPLE_OVERRIDES) + ([f"max_steps={a.steps}"] if a.steps else []) + a.overrides
 
     from train.config import load_config
+    record, identity = Record(a.record), data_identity(data) if a.record else None
     models, baseline_of, runs = {}, {}, {}       # model name -> spec; objective -> its random init's model name
     for obj in a.objectives:
         cfg = load_config(RECIPES[obj], [f"objective={obj}", *base])
@@ -202,19 +248,37 @@ def main() -> None:
     results = {pr: {m: {} for m in models} for pr in PROBES}
     seconds: dict[str, list[float]] = {m: [] for m in a.objectives}
     curves: dict[str, dict[int, list]] = {m: {} for m in a.objectives}
+    def settings(m: str, seed: int, pr: str | None = None) -> dict:
+        """What a record entry depends on: the pretraining's resolved config (paths left out) or the random init's
+        backbone, the seed, the data, and for a probe its flags."""
+        source = ({k: v for k, v in runs[m].items() if k not in ("out_dir", "data", "monitor")}
+                  if m in runs else models[m]["spec"])
+        probe_flags = models[m]["flags"] + (models[m]["ft"] if pr == "finetune" else []) if pr else None
+        return {"model": m, "source": source, "seed": seed, "data": identity, "probe": pr, "flags": probe_flags}
+
     for i, seed in enumerate(a.seeds):
+        wanted = {m: [pr for pr in PROBES
+                      if pr != "finetune" or (a.finetune_epochs and i < a.finetune_seeds and m in tuned)]
+                  for m in models}
         for obj in a.objectives:
             run = work / "runs" / f"{obj}-s{seed}"
-            seconds[obj].append(pretrain(RECIPES[obj], data, obj, seed, run, base))
-            curves[obj][seed] = monitor_curve(run)
+            done = None if a.fresh else record.get(f"{obj}-s{seed}-pretrain", settings(obj, seed))
+            if done is None or any(record.get(f"{obj}-s{seed}-{pr}", settings(obj, seed, pr)) is None
+                                   for pr in wanted[obj]):
+                pretrain(RECIPES[obj], data, obj, seed, run, base)
+                done = run_log(run)
+                record.put(f"{obj}-s{seed}-pretrain", settings(obj, seed), done)
+            seconds[obj].append(done["seconds"])
+            curves[obj][seed] = [tuple(point) for point in done["monitor"]]
         for m, spec in models.items():
             model = spec["spec"] or ["--checkpoint", str(work / "runs" / f"{m}-s{seed}")]
-            probes = [pr for pr in PROBES
-                      if pr != "finetune" or (a.finetune_epochs and i < a.finetune_seeds and m in tuned)]
-            for pr in probes:
-                flags = spec["flags"] + (spec["ft"] if pr == "finetune" else [])
-                r = probe(pr, [*model, "--seed", str(seed)], data, work / "eval" / f"{m}-s{seed}-{pr}",
-                          work / "cache", flags, a.fresh)
+            for pr in wanted[m]:
+                r = None if a.fresh else record.get(f"{m}-s{seed}-{pr}", settings(m, seed, pr))
+                if r is None:
+                    flags = spec["flags"] + (spec["ft"] if pr == "finetune" else [])
+                    r = probe(pr, [*model, "--seed", str(seed)], data, work / "eval" / f"{m}-s{seed}-{pr}",
+                              work / "cache", flags, a.fresh)
+                    record.put(f"{m}-s{seed}-{pr}", settings(m, seed, pr), r)
                 for key in ("top1", "top1_static", "motion_drop"):
                     if key in r:
                         results[pr][m].setdefault(key, []).append(r[key])
@@ -247,7 +311,7 @@ def main() -> None:
                       "finetune_epochs": a.finetune_epochs, "finetune_seeds": a.seeds[:a.finetune_seeds],
                       "finetune_models": sorted(tuned),
                       "baseline_of": baseline_of,
-                      "pretrain_seconds": {m: [round(s, 1) for s in v] for m, v in seconds.items()},
+                      "pretrain_seconds": seconds,
                       "monitor_knn": {m: {str(s): c for s, c in v.items()} for m, v in curves.items()},
                       "top1": summary, "gain": gains}))
 

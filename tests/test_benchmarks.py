@@ -2,6 +2,7 @@
 their rows say what they measured (never a timing or quality threshold: those belong in the benchmarks' output)."""
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -30,7 +31,8 @@ def test_quality_benchmark_compares_each_objective_with_its_own_random_init(synt
     readme.write_text("# x\n<!-- quality:begin -->\nold table\n<!-- quality:end -->\nafter\n")
     args = [REPO / "benchmarks" / "quality.py", "--data", synthetic_shards, "--objectives", "moco", "fima",
             "--steps", "2", "--seeds", "0", "--test-clips", "1", "--finetune-epochs", "1", "--finetune-seeds", "1",
-            "--work", tmp_path, "--report", tmp_path / "report", "--readme", readme, "crop=32", "batch_size=4",
+            "--work", tmp_path, "--report", tmp_path / "report", "--readme", readme, "--record", tmp_path / "record",
+            "crop=32", "batch_size=4",
             "num_threads=1", "monitor="]   # no quality monitor: its extractions would be most of this test's time
     r = run_script(*args)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -82,6 +84,25 @@ def test_quality_benchmark_compares_each_objective_with_its_own_random_init(synt
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["top1"] == out["top1"]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "eval").rglob("results.json")} == stamp
+    # the record alone (another machine: an empty --work) gives the same table without training or probing anything,
+    # pretraining seconds and monitor curves included
+    recorded = sorted(p.name for p in (tmp_path / "record").glob("*.json"))
+    assert recorded == sorted([f"{o}-s0-pretrain.json" for o in ("moco", "fima")] + [
+        f"{m}-s0-{pr}.json" for m in ("moco", "fima", *base.values()) for pr in ("knn", "linear", "finetune")])
+    elsewhere = tmp_path / "elsewhere"
+    moved = run_script(*[elsewhere if x == tmp_path else x for x in args])
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    got = json.loads(moved.stdout.strip().splitlines()[-1])
+    assert got["top1"] == out["top1"] and got["pretrain_seconds"] == out["pretrain_seconds"]
+    assert not (elsewhere / "runs").exists() and not (elsewhere / "eval").exists()
+    # an entry counts only for the settings that made it: another seed, probe flag or recipe value reads nothing
+    quality = importlib.import_module("benchmarks.quality")
+    entry = json.loads((tmp_path / "record" / "fima-s0-knn.json").read_text())
+    rec = quality.Record(tmp_path / "record")
+    assert rec.get("fima-s0-knn", entry["settings"])["top1"] == out["top1"]["knn"]["fima"]["top1"]["mean"]
+    for changed in ({**entry["settings"], "seed": 1}, {**entry["settings"], "flags": entry["settings"]["flags"][:-2]},
+                    {**entry["settings"], "source": {**entry["settings"]["source"], "temperature": 0.5}}):
+        assert rec.get("fima-s0-knn", changed) is None
 
 
 def test_acceptance_run_executes_here_with_its_gpu_rows_skipped(tmp_path):
