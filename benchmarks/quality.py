@@ -296,7 +296,8 @@ def main() -> None:
                                                        else []) + ["--seeds", *map(str, a.seeds)]
         + (["--steps", str(a.steps)] if a.steps else []) + ["--finetune-epochs", str(a.finetune_epochs),
                                                             "--finetune-seeds", str(a.finetune_seeds)]
-        + (["--finetune-objectives", *a.finetune_objectives] if a.finetune_objectives else []) + a.overrides)
+        + (["--finetune-objectives", *a.finetune_objectives] if a.finetune_objectives else [])
+        + (["--record", str(a.record)] if a.record else []) + a.overrides)
     table = markdown(summary, models, baseline_of, a.seeds, command)
     print(f"\nquality on {data}, seeds {a.seeds} (top-1 %, mean over seeds (spread))\n")
     print(table)
