@@ -217,6 +217,11 @@ def main() -> None:
     p.add_argument("--block", default="quality", help="the README block's name (default quality)")
     p.add_argument("overrides", nargs="*", help="key=value pretraining config overrides, for every run")
     a = p.parse_args()
+    if a.readme:    # checked before hours of runs, not after
+        text = a.readme.read_text() if a.readme.is_file() else ""
+        if any(m.format(name=a.block) not in text for m in MARKERS):
+            p.error(f"{a.readme} has no {MARKERS[0].format(name=a.block)} ... {MARKERS[1].format(name=a.block)} "
+                    "block for the table: add the two lines where it should go, or name another with --block")
     work = a.work or Path(tempfile.mkdtemp(prefix="quality-"))
     work.mkdir(parents=True, exist_ok=True)
     data = a.data or sample_shards(work / "sample", short_side=SAMPLE_SHORT_SIDE, **SAMPLE)
