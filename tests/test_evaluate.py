@@ -376,3 +376,25 @@ def test_frozen_guard_catches_a_backbone_that_changes():
             backbone.train()
             backbone(x)                            # running_mean / running_var move
 
+
+
+def test_finetune_with_the_coclr_protocol_end_to_end(synthetic_shards, ckpt, tmp_path):
+    """`--protocol coclr` through the command line: the CoCLR recipe's optimizer, dropout and backbone learning-rate
+    multiplier reach the run (flags still override the clip), the optimizer's groups carry backbone lr = 0.1 x head
+    lr, and the backbone trains."""
+    out = tmp_path / "coclr"
+    assert main(["finetune", "--checkpoint", str(ckpt), "--data", str(synthetic_shards), "--out", str(out),
+                 "--protocol", "coclr", "--epochs", "1", "--stride", "2", *FAST]) == 0
+    res = results(out)
+    s = res["settings"]
+    assert (s["optimizer"], s["dropout"], s["backbone_lr_mult"], s["frames"], s["crop"]) == ("adam", 0.9, 0.1, 8, 32)
+    assert 0 <= res["result"]["top1"] <= 1 and res["result"]["epoch"] == 1
+    state = torch.load(res["result"]["checkpoint"], weights_only=True)
+    lrs = sorted(g["lr"] for g in state["optimizer"]["param_groups"])
+    assert len(lrs) == 2 and lrs[0] == pytest.approx(0.1 * lrs[1])
+    before = torch.load(ckpt, weights_only=True)["model"]
+    after = state["model"]
+    moved = [k for k in after if k.startswith("backbone.") and after[k].is_floating_point()
+             and ("encoder_q." + k[len("backbone."):]) in before
+             and not torch.equal(after[k], before["encoder_q." + k[len("backbone."):]])]
+    assert moved, sorted(after)[:5]
