@@ -181,11 +181,19 @@ def picture(path: Path, summary: dict, models: dict, baseline_of: dict, curves: 
     fig.savefig(path, dpi=110)
 
 
+def readme_block_missing(readme: Path, name: str) -> str | None:
+    """What is wrong when ``readme`` lacks the block NAME's markers (None: it has them)."""
+    text = readme.read_text() if readme.is_file() else ""
+    begin, end = (m.format(name=name) for m in MARKERS)
+    return None if begin in text and end in text else f"{readme} has no {begin} ... {end} block to write the table into"
+
+
 def splice_readme(readme: Path, table: str, name: str = "quality") -> None:
+    problem = readme_block_missing(readme, name)
+    if problem:
+        raise SystemExit(problem)
     text = readme.read_text()
     begin, end = (m.format(name=name) for m in MARKERS)
-    if begin not in text or end not in text:
-        raise SystemExit(f"{readme} has no {begin} ... {end} block to write the table into")
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     readme.write_text(pattern.sub(lambda _: f"{begin}\n{table}{end}", text, count=1))
 
@@ -217,11 +225,9 @@ def main() -> None:
     p.add_argument("--block", default="quality", help="the README block's name (default quality)")
     p.add_argument("overrides", nargs="*", help="key=value pretraining config overrides, for every run")
     a = p.parse_args()
-    if a.readme:    # checked before hours of runs, not after
-        text = a.readme.read_text() if a.readme.is_file() else ""
-        if any(m.format(name=a.block) not in text for m in MARKERS):
-            p.error(f"{a.readme} has no {MARKERS[0].format(name=a.block)} ... {MARKERS[1].format(name=a.block)} "
-                    "block for the table: add the two lines where it should go, or name another with --block")
+    if a.readme and readme_block_missing(a.readme, a.block):      # checked before hours of runs, not after
+        p.error(readme_block_missing(a.readme, a.block) + ": add the two lines where the table should go, or name "
+                "another block with --block")
     work = a.work or Path(tempfile.mkdtemp(prefix="quality-"))
     work.mkdir(parents=True, exist_ok=True)
     data = a.data or sample_shards(work / "sample", short_side=SAMPLE_SHORT_SIDE, **SAMPLE)

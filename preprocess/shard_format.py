@@ -120,17 +120,14 @@ def manifest_head(path: str | Path) -> dict:
     and the list, which `python -m preprocess` writes (indent 1, sorted keys) between "num_*" and "shards", is cut
     out of the text, so only the pages before and after it are touched (at 650,000 samples the list is ~70 MB of
     the file and ~1 KB per sample once parsed). Manifests laid out otherwise are parsed whole, the list dropped."""
-    import mmap
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
+    with _mapped_samples(path) as (mm, span):
+        if mm is None:
             return json.loads(b"")              # the JSONDecodeError of an empty file
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            span = _samples_span(mm)
-            if span is not None:
-                head = json.loads(mm[:span[0]] + mm[span[1]:])
-                if isinstance(head, dict):
-                    return head
-            whole = json.loads(mm[:])
+        if span is not None:
+            head = json.loads(mm[:span[0]] + mm[span[1]:])
+            if isinstance(head, dict):
+                return head
+        whole = json.loads(mm[:])
     if isinstance(whole, dict):
         whole.pop("samples", None)
     return whole
