@@ -75,6 +75,22 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def epoch_seconds(cmd: list[str], run: Path, steps_per_epoch: int) -> float:
+    """Run cmd to its end and return the wall time between its first two epoch checkpoints: a kill delay scaled
+    by the whole run's time would be mostly start-up (imports, pipeline builds) and could land after the end."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, float] = {}
+    while proc.poll() is None:
+        step = latest_step(run)
+        if step and step not in seen:
+            seen[step] = time.perf_counter()
+        time.sleep(0.01)
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    first, second = steps_per_epoch, 2 * steps_per_epoch
+    assert first in seen and second in seen, seen
+    return seen[second] - seen[first]
+
+
 def same_tree(a: Path, b: Path) -> list[str]:
     """Files that differ between two folders (or exist in one only)."""
     cmp = filecmp.dircmp(a, b)
@@ -208,14 +224,18 @@ def test_finetuning_killed_anywhere_resumes_bit_identically(synthetic_shards, tm
     cmd = [sys.executable, "-m", "evaluate", "finetune", "--random-init", "--backbone", "i3d", "--backbone-width",
            "0.25", "--data", str(synthetic_shards), "--frames", "8", "--crop", "32", "--test-clips", "1",
            "--batch-size", "4", "--epochs", "3", "--milestones", "2", "--num-threads", "1", "--no-progress"]
-    full = timed([*cmd, "--out", str(tmp_path / "ref")])
+    epoch_s = epoch_seconds([*cmd, "--out", str(tmp_path / "ref")], tmp_path / "ref", steps_per_epoch=6)
     ref, ref_result = state(tmp_path / "ref"), json.loads((tmp_path / "ref" / "results.json").read_text())["result"]
     rng = random.Random(SEED + 2)
     for point in range(POINTS):
-        out = tmp_path / f"cut{point}"
         after = rng.randint(0, 2)                  # epochs checkpointed before the kill may land
-        killed = kill_when([*cmd, "--out", str(out)], lambda: latest_step(out) >= 6 * after,
-                           rng.uniform(0.0, 1.0) * full / 6)
+        frac = rng.uniform(0.0, 1.0)               # then up to one epoch's time (start-up is not in it)
+        for retry in range(4):                     # a run faster than the reference may finish first: earlier
+            out = tmp_path / f"cut{point}-{retry}"
+            killed = kill_when([*cmd, "--out", str(out)], lambda: latest_step(out) >= 6 * after,
+                               frac * epoch_s / 2 ** retry)
+            if killed and not (out / "results.json").exists():
+                break
         assert killed and not (out / "results.json").exists(), (point, after)   # the kill landed mid-run
         r = subprocess.run([*cmd, "--out", str(out)], cwd=REPO, capture_output=True, text=True)
         assert r.returncode == 0, (point, r.stderr[-2000:])
