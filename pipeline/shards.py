@@ -28,18 +28,6 @@ GPU_ONLY_CODECS = {f: c.label for c in shard_format.CODECS if not c.cpu for f in
 READ_REFUSES = ("unreadable", "crc", "label", "frames")
 
 
-def _refusal(p: integrity.Problem, classes: int) -> str:
-    """Why a read refuses a sample, from its integrity problem (the words a bad-sample record carries)."""
-    if p.kind == "unreadable":
-        return str(p.expected)
-    if p.kind == "crc":
-        return (f"the video's CRC-32 is {p.found:08x}, {p.expected:08x} when it was sharded: its bytes "
-                "changed since")
-    if p.kind == "label":
-        return f"label {p.found} outside the manifest's {classes} classes"
-    return f"frame count {p.found}"
-
-
 class CodecError(ValueError):
     """The backend cannot decode the shard's codec."""
 
@@ -292,7 +280,7 @@ class ShardSet:
         parts = {ext: span[off - lo:off - lo + size] for ext, (off, size) in comps.items()}
         for p in integrity.sample_problems(parts, classes=len(self.classes)):
             if p.kind in READ_REFUSES:
-                raise ValueError(_refusal(p, len(self.classes)))
+                raise ValueError(p.words)
         video = np.frombuffer(parts[shard_format.VIDEO_EXT], dtype=np.uint8)
         meta, _ = integrity.read_meta(parts)
         track = parse_mp4(video)

@@ -48,12 +48,28 @@ class Problem:
     expected: object = None      # what the index, record or manifest says
 
     @property
-    def text(self) -> str:
-        """A plain wording, for tests and logs; the callers word problems their own way."""
-        at = f"sample {self.sample}: " if self.sample is not None else ""
-        what = f"{self.ext} " if self.ext else ""
-        return f"{at}{what}{self.kind}: found {self.found!r}, expected {self.expected!r}" + (
-            f" (at byte {self.offset}, {self.size} bytes)" if self.offset is not None else "")
+    def words(self) -> str:
+        """What is wrong, in the one wording `preprocess verify`, the doctor and the loader's refusals all use; the
+        caller says where (which shard, which sample)."""
+        f, e, ext = self.found, self.expected, self.ext
+        hex32 = lambda v: format(v, "08x") if isinstance(v, int) else v  # noqa: E731  (every entry is built)
+        if self.kind == "member":
+            f = "no tar header" if f is None else f"{f[0]!r} of {f[1]} bytes"
+        return {
+            "bytes": f"the tar is {f} bytes, the manifest says {e} (a truncated or replaced copy)",
+            "sha256": "its sha256 differs from the one recorded at sharding (bytes changed in the copy)",
+            "count": f"the index lists {f} samples, the manifest {e}",
+            "lacking": f"the index lists no {e}",
+            "outside": f"the index's {ext} at {self.offset}+{self.size} lies outside the {e}-byte tar",
+            "member": f"the index's {ext} at offset {self.offset} does not point at its tar member (found {f})",
+            "keys": f"its members belong to different samples {f}",
+            "unreadable": f"{ext} unreadable ({e})",
+            "record": f"{ext} {f}, the manifest says {e}",
+            "json": f"{ext} {f}, its json record says {e}",
+            "crc": f"the video's CRC-32 is {hex32(f)}, {hex32(e)} when it was sharded: its bytes changed since",
+            "label": f"label {f} is not a class index" + (f" (the manifest has {e} classes)" if e else ""),
+            "frames": f"frame count {f}",
+        }[self.kind]
 
 
 # --------------------------------------------------------------------------------------------- tar headers

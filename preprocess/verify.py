@@ -44,7 +44,7 @@ def check_structure(split_dir: Path, manifest: dict) -> tuple[list[dict], list[t
             lines = fmt.parse_index(idx)
         except (ValueError, IndexError) as e:
             for p in integrity.manifest_problems(tar, shard, checksum=True):
-                problem(SHARD_WORDS[p.kind](p))
+                problem(p.words)
             problem(f"index unreadable: {e}")
             continue
         index = [comps for comps, _ in lines]
@@ -52,7 +52,7 @@ def check_structure(split_dir: Path, manifest: dict) -> tuple[list[dict], list[t
         by_sample: dict[int, list] = {}
         for p in found:
             if p.sample is None:
-                problem(SHARD_WORDS[p.kind](p))
+                problem(p.words)
             else:
                 by_sample.setdefault(p.sample, []).append(p)
         with open(tar, "rb") as f:
@@ -72,13 +72,6 @@ def check_structure(split_dir: Path, manifest: dict) -> tuple[list[dict], list[t
     return problems, samples
 
 
-SHARD_WORDS = {   # verify's words for the problems of a tar against the manifest (integrity.manifest_problems)
-    "bytes": lambda p: f"tar is {p.found} bytes, the manifest says {p.expected} (truncated or replaced copy)",
-    "sha256": lambda p: "sha256 differs from the one recorded at sharding time (bytes changed in the copy)",
-    "count": lambda p: f"index lists {p.found} samples, the manifest {p.expected}",
-}
-
-
 def header_key(fd: int, comps: dict) -> str | None:
     """The sample key from the tar headers of an index line's members (for an index without member names)."""
     return next((integrity.member_key(h[0]) for h in integrity.read_headers(fd, comps).values() if h), None)
@@ -93,7 +86,7 @@ def check_sample(job: tuple[str, str, dict, dict]) -> str | None:
         parts = integrity.read_parts(f.fileno(), comps)
     found = integrity.sample_problems(parts, expected)
     if found:
-        return sample_words(found[0], parts, expected)
+        return found[0].words
     frames = fmt.unpack_int32(parts[fmt.FRAMES_EXT])
     data = parts[fmt.VIDEO_EXT]
     import io
@@ -111,23 +104,6 @@ def check_sample(job: tuple[str, str, dict, dict]) -> str | None:
     if decoded != frames:
         return f"video decodes to {decoded} frames, nf says {frames} (cut short or damaged)"
     return None
-
-
-def sample_words(p: integrity.Problem, parts: dict, expected: dict | None) -> str:
-    """verify's words for a sample's first integrity problem (integrity.sample_problems)."""
-    if p.kind == "unreadable":
-        return f"lbl/nf/json unreadable: {p.expected}"
-    if p.kind == "record":
-        label, frames = fmt.unpack_int32(parts[fmt.LABEL_EXT]), fmt.unpack_int32(parts[fmt.FRAMES_EXT])
-        return f"label/frames {label}/{frames}, the manifest says {expected['label']}/{expected['frames']}"
-    if p.kind == "json":
-        return (f"json says {p.expected} frames, nf says {p.found}" if p.ext == fmt.FRAMES_EXT else
-                f"json says label {p.expected}, lbl says {p.found}")
-    if p.kind == "crc":
-        return f"video bytes changed since sharding (CRC-32 {p.found:08x}, recorded {p.expected:08x})"
-    if p.kind == "label":
-        return f"label {p.found} is not a class index"
-    return f"nf says {p.found} frames"
 
 
 def verify_split(split_dir: Path, fraction: float, workers: int, seed: int, progress: bool) -> dict:

@@ -131,7 +131,8 @@ def test_broken_index_offset(data, tmp_path):
     assert checks(report)["decode.cpu"]["status"] == "SKIP" and "data.shards" in checks(report)["decode.cpu"]["fix"]
     c = checks(report)["data.shards"]
     assert c["status"] == "FAIL"
-    assert f"{idx.name}: sample 3's mp4 at offset {fields[1]} does not point at its tar member" in c["figure"]
+    tar = idx.with_suffix(".tar").name
+    assert f"{tar} sample 3: the index's mp4 at offset {fields[1]} does not point at its tar member" in c["figure"]
     assert "re-run `python -m preprocess`" in c["fix"]
     assert report["failed"][0] == "data.shards" and "data.shards" in out and "FAIL" in out
 

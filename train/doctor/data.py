@@ -22,7 +22,8 @@ def check_shards(facts: Facts) -> Result:
         # a tar header is read only where the index leaves the tar's own layout (integrity.headers_to_read)
         headers_read += len(integrity.headers_to_read(index, every=False))
         found = integrity.shard_problems(tar, index, shard, need, every_header=False)
-        problems += [_shard_problem(p, tar) for p in sorted(found, key=lambda p: p.kind != "count")]  # count first
+        problems += [f"{tar.name}" + (f" sample {p.sample}" if p.sample is not None else "") + f": {p.words}"
+                     for p in sorted(found, key=lambda p: p.kind != "count")]  # count first
     if manifest.get("num_samples") not in (None, total):
         problems.append(f"the indexes hold {total} samples, the manifest says {manifest['num_samples']}")
     m = {"shards": len(tars), "samples": total, "headers_read": headers_read, "problems": problems[:20]}
@@ -84,19 +85,3 @@ def check_read(facts: Facts) -> Result:
         return Result("", WARN, fig, "reading is slower than training consumes: stage the shards on node-local "
                       "disk (docker/slurm/train.sbatch: STAGE_FROM/STAGE_TO), or use a faster filesystem", m)
     return Result("", PASS, fig, measured=m)
-
-
-def _shard_problem(p, tar) -> str:
-    """data.shards' words for an integrity problem of ``tar`` against its index and the manifest."""
-    from preprocess import shard_format as fmt
-    idx, where = fmt.index_path(tar).name, tar.name
-    if p.kind == "count":
-        return f"{idx} lists {p.found} samples, the manifest {p.expected}"
-    if p.kind == "bytes":
-        return f"{where} is {p.found} bytes, the manifest says {p.expected} (truncated or replaced copy?)"
-    if p.kind == "lacking":
-        return f"{where} sample {p.sample} has no {p.expected} in its index"
-    if p.kind == "outside":
-        return f"{where} sample {p.sample}: {p.ext} at {p.offset}+{p.size} lies outside the {p.expected}-byte tar"
-    found = "no tar header" if p.found is None else f"member {p.found[0]!r} of {p.found[1]} bytes"
-    return f"{idx}: sample {p.sample}'s {p.ext} at offset {p.offset} does not point at its tar member (found {found})"

@@ -488,13 +488,7 @@ def _read_sample(tar: Path, t: int, j: int, comps: dict, records: dict, n_classe
     finally:
         os.close(fd)
     found = integrity.sample_member_problems(comps, headers)
-    for p in found:
-        if p.kind == "member":
-            what = "no tar header" if p.found is None else f"{p.found[0]!r}, {p.found[1]} bytes"
-            problems.append(f"{where}: the index's {p.ext} offset {p.offset} does not point at its tar member "
-                            f"(found {what})")
-        else:
-            problems.append(f"{where}: its members belong to different samples {p.found}")
+    problems += [f"{where}: {p.words}" for p in found]
     bad = {p.ext for p in found}
     keys = {integrity.member_key(headers[e][0]) for e in comps if e not in bad}
     part = {ext: span[o - lo:o - lo + z] for ext, (o, z) in comps.items()}
@@ -503,9 +497,9 @@ def _read_sample(tar: Path, t: int, j: int, comps: dict, records: dict, n_classe
     found = integrity.sample_problems(part, rec, n_classes)
     unreadable = [p for p in found if p.kind == "unreadable" and p.ext != fmt.META_EXT]
     if unreadable:
-        return info, problems + [f"{where}: lbl/nf unreadable ({unreadable[0].expected})"]
+        return info, problems + [f"{where}: {unreadable[0].words}"]
     info["nf"] = fmt.unpack_int32(part[fmt.FRAMES_EXT])
-    problems += [_sample_problem(p, where, n_classes) for p in found]
+    problems += [f"{where}: {p.words}" for p in found]
     meta, _ = integrity.read_meta(part)
     try:
         track = parse_mp4(np.frombuffer(part[fmt.VIDEO_EXT], dtype=np.uint8)) if fmt.VIDEO_EXT in part else None
@@ -525,19 +519,3 @@ def _read_sample(tar: Path, t: int, j: int, comps: dict, records: dict, n_classe
         problems.append(f"{where}: the manifest puts {info['key']!r} in shard {rec['shard']}")
     return info, problems
 
-
-def _sample_problem(p, where: str, n_classes: int) -> str:
-    """data.samples' words for an integrity problem of a sample against its records (preprocess/integrity.py)."""
-    field = "lbl" if p.ext == "lbl" else "nf"
-    if p.kind == "unreadable":
-        return f"{where}: its JSON record does not parse ({p.expected})"
-    if p.kind == "json":
-        return (f"{where}: lbl {p.found} but the JSON record says label {p.expected}" if field == "lbl" else
-                f"{where}: nf {p.found} but the JSON record says {p.expected} frames")
-    if p.kind == "record":
-        return f"{where}: {field} {p.found}, the manifest says {p.expected}"
-    if p.kind == "label":
-        return f"{where}: label {p.found} outside the manifest's {n_classes} classes"
-    if p.kind == "crc":
-        return f"{where}: the video's CRC-32 is {p.found:08x}, {p.expected:08x} when it was sharded (bytes changed since)"
-    return f"{where}: frame count {p.found}"
