@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from preprocess.shard_format import atomic_write
+
 from .backbone import CARD, FORMAT, WEIGHTS, load_backbone   # the exported format lives with its loader
 
 
@@ -58,9 +60,7 @@ def export(checkpoint: str | Path, out: Path, extra_results: list[Path] = ()) ->
             "pretrain_data_manifest_sha256": manifest_sha(cfg.get("data")), "pretrain_config": cfg,
             "evaluations": collect_results(run_dir, list(extra_results)),
             "usage": f"python -m evaluate linear --checkpoint {out} --data SHARDS"}
-    tmp = out / f".{CARD}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, out / CARD)
+    atomic_write(out / CARD, json.dumps(card, indent=1, sort_keys=True) + "\n")
     return out
 
 

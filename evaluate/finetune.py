@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import Classifier
 from pipeline import eval_loader
-from train.checkpoint import CheckpointManager, ResumeError, restore, resume_from, snapshot
+from train.checkpoint import CheckpointManager, ResumeError, resume_from, snapshot
 from train.loop import Cadence, Loop, TrainingError
 from train.recipe import build_optimizer
 from train.run_log import RunLog
@@ -119,29 +119,22 @@ def run(ctx: Context) -> int:
     ckpts = CheckpointManager(ctx.out / "checkpoints", keep=2, is_main=d.is_main)
     identity = {"backbone": ctx.info["backbone"], "init_sha256": ctx.info["sha256"],
                 "train_manifest": train_split.manifest_sha, "test_manifest": test_split.manifest_sha}
-    step, history = 0, []
     parts = {"model": raw, "optimizer": opt, "loader": loader}       # what a checkpoint restores
     identity |= {k: s[k] for k in RESUME_KEYS}
     try:   # the settings part of older checkpoints' identity lives in their config
-        found = resume_from(ckpts, ctx.extra.get("resume", "auto"), identity,
+        state = resume_from(ckpts, ctx.extra.get("resume", "auto"), identity, parts, d,
                             stored=lambda st: {**{k: st.get("config", {}).get(k) for k in RESUME_KEYS},
-                                               **st.get("identity", {})})
+                                               **st.get("identity", {})}) or {}
     except ResumeError as e:
         raise EvalError(str(e)) from None
-    if found:
-        state, path = found
-        restore(state, parts, d.rank)
-        step = state["step"]
-        history = list(state.get("history", []))
-        if d.is_main:
-            print(f"resumed from {path} at step {step} (epoch {loader.epoch}, batch {loader.step})")
-    else:
+    step, history = state.get("step", 0), list(state.get("history", []))
+    if not state:
         torch.manual_seed(s["seed"] * 1000 + d.rank + 1)              # per-rank dropout stream
 
-    def save(step: int) -> None:
-        ckpts.save(snapshot(parts, d, step=step, epoch=step // steps_per_epoch, identity=identity, history=history,
-                            config={**s, "backbone": ctx.info["backbone"], "backbone_width": ctx.info["backbone_width"],
-                                    "num_classes": num_classes, "classes": train_split.classes}), step)
+    def checkpoint(step: int) -> dict:
+        return snapshot(parts, d, step=step, epoch=step // steps_per_epoch, identity=identity, history=history,
+                        config={**s, "backbone": ctx.info["backbone"], "backbone_width": ctx.info["backbone_width"],
+                                "num_classes": num_classes, "classes": train_split.classes})
 
     def epoch_done(step: int, scalars: dict) -> None:
         """The per-epoch history kept in checkpoints and results (logged every epoch: one window per epoch)."""
@@ -168,7 +161,8 @@ def run(ctx: Context) -> int:
                 lr_at=lambda step: lr_at_epoch(step // steps_per_epoch, base_lr, milestones, s["lr_decay"]),
                 cadence=Cadence(log_every=steps_per_epoch, ckpt_every=steps_per_epoch,
                                 eval_every=s["eval_every"] * steps_per_epoch),
-                save=save, global_batch=s["batch_size"], evaluate=test_monitor if s["eval_every"] else None,
+                ckpts=ckpts, snapshot=checkpoint, global_batch=s["batch_size"],
+                evaluate=test_monitor if s["eval_every"] else None,
                 on_log=epoch_done)
     old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:

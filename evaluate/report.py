@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from preprocess.shard_format import atomic_write
 
 
 def _plain(x):
@@ -37,9 +38,7 @@ def write_results(out: Path, command: str, payload: dict, scalars: dict[str, flo
                "versions": {"python": platform.python_version(), "torch": torch.__version__}, **payload,
                "scalars": scalars}
     path = out / "results.json"
-    tmp = out / f".results.json.{os.getpid()}"
-    tmp.write_text(json.dumps(_plain(payload), indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(_plain(payload), indent=1, sort_keys=False) + "\n")
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(str(out / "tb")) as w:
         for k, v in scalars.items():

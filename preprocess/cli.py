@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from . import shard_format as fmt
 from .lock import MAIN as MAIN_LOCK, Lock, LockedError, describe, job_lock_name, live_holders
-from .shards import TOOL, atomic_write, dump_json, pack_split, remove_stale_temps
+from .shard_format import atomic_write
+from .shards import TOOL, dump_json, pack_split, remove_stale_temps
 from .sources import FORMATS, LayoutError, Video, read_dataset
 from .video import Encoding, SkipVideo, transcode
 

@@ -284,3 +284,14 @@ def sample_key(member_name: str) -> str:
     slash = member_name.rfind("/") + 1
     dot = member_name.find(".", slash)
     return member_name[:dot]
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -20,17 +20,6 @@ from .lock import pid_alive
 TOOL = "motionpretrain.preprocess 0.1.0"
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def remove_stale_temps(folder: Path) -> None:
     """Delete the temp files of `atomic_write` calls whose process is gone (a run killed mid-write); a live
     process's temp file (another job packing beside this one) is left alone."""
@@ -86,8 +75,8 @@ def write_shard(tar_path: Path, samples: list[dict[str, bytes]]) -> tuple[int, s
                 comps.append((ext, data_offset, len(data), name))
             index.append(comps)
     data = buf.getvalue()
-    atomic_write(tar_path, data)
-    atomic_write(fmt.index_path(tar_path), fmt.format_index(index))
+    fmt.atomic_write(tar_path, data)
+    fmt.atomic_write(fmt.index_path(tar_path), fmt.format_index(index))
     return len(data), hashlib.sha256(data).hexdigest()
 
 
@@ -132,5 +121,5 @@ def pack_split(out_dir: Path, name: str, split: str, records: dict[str, dict], v
         "samples": [{"source": r["source"], "key": k, "label": r["label"], "frames": r["frames"],
                      "shard": key_to_shard[k]} for k, r in sorted(records.items(), key=lambda kv: kv[1]["source"])],
     }
-    atomic_write(split_dir / fmt.MANIFEST, dump_json(manifest))
+    fmt.atomic_write(split_dir / fmt.MANIFEST, dump_json(manifest))
     return manifest

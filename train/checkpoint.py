@@ -56,8 +56,9 @@ class ResumeError(ValueError):
     """The checkpoint to resume from was written with settings that change the model or the sample stream."""
 
 
-def resume_from(ckpts: "CheckpointManager", resume: str, identity: dict, stored=None) -> tuple[dict, Path] | None:
-    """The one resume path (pretraining and fine-tuning): the checkpoint to continue from, or None.
+def resume_from(ckpts: "CheckpointManager", resume: str, identity: dict, parts: dict, d, stored=None) -> dict | None:
+    """The one resume path (pretraining and fine-tuning): find the checkpoint to continue from, check it, restore
+    ``parts`` (as given to ``snapshot``) and this rank's RNG from it, say so; its state, or None for a fresh start.
 
     ``resume``: "auto" (the newest readable checkpoint in ``ckpts``, if any), "none", or a checkpoint path.
     ``identity``: {key: value now} of everything a resumed run must agree on; ``stored(state)`` gives the
@@ -73,7 +74,11 @@ def resume_from(ckpts: "CheckpointManager", resume: str, identity: dict, stored=
     if diff:
         raise ResumeError(f"{path} was written with other settings {diff} (checkpoint, now): use the same settings, "
                           "another output folder, or --resume none")
-    return state, path
+    restore(state, parts, d.rank)
+    if d.is_main:
+        loader = parts["loader"]
+        print(f"resumed from {path} at step {state['step']} (epoch {loader.epoch}, batch {loader.step})")
+    return state
 
 
 def snapshot(parts: dict, d, **extra) -> dict:

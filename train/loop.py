@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import distributed as D
-from .checkpoint import PreemptionFlag
+from .checkpoint import CheckpointError, CheckpointManager, PreemptionFlag
 from .recipe import train_step
 from .run_log import RunLog
 
@@ -45,7 +45,8 @@ class Loop:
     log: RunLog
     lr_at: Callable[[int], float]           # step -> the schedule's learning rate
     cadence: Cadence
-    save: Callable[[int], None]             # checkpoint at this step (every rank calls it; rank 0 writes)
+    ckpts: CheckpointManager                # where checkpoints go (rank 0 writes)
+    snapshot: Callable[[int], dict]         # the checkpoint of this step (train/checkpoint.py snapshot: a collective)
     global_batch: int
     max_bad_steps: int = 5
     evaluate: Callable[[int], None] | None = None       # at eval_every and the last step
@@ -116,6 +117,19 @@ class Loop:
                     break
                 t_ready = time.perf_counter()
         return step, 0
+
+    def save(self, step: int) -> None:
+        """A checkpoint (every rank takes part, rank 0 writes): a write that fails stops every rank together."""
+        state = self.snapshot(step)
+        if self.d.is_main and len(set(state["rank_checksums"])) > 1:   # DDP keeps weights equal; say so if not
+            self.log.print(f"warning: the ranks' weights differ at step {step} (checksums {state['rank_checksums']})")
+        error = None
+        try:
+            self.ckpts.save(state, step)
+        except CheckpointError as e:
+            error = e
+        if D.any_rank(error is not None, self.d):
+            raise TrainingError(str(error) if error else "rank 0 could not write a checkpoint (see its message)")
 
     def _log_window(self, step: int, lr: float, window: dict) -> None:
         n = window["n"]

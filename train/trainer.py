@@ -11,7 +11,6 @@ with the same augmentations (the pipeline draws every random parameter from (see
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -19,10 +18,11 @@ import yaml
 
 from model import build_objective
 from pipeline import pretrain_loader
+from preprocess.shard_format import atomic_write
 
 from . import distributed as D
 from .bad_samples import BadSamples
-from .checkpoint import CheckpointError, CheckpointManager, ResumeError, lock_run_folder, restore, resume_from, snapshot
+from .checkpoint import CheckpointManager, ResumeError, lock_run_folder, resume_from, snapshot
 from .config import DEFAULTS
 from .loop import Cadence, Loop, TrainingError
 from .monitor import QualityMonitor
@@ -49,9 +49,7 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
             run_lock = lock_run_folder(out_dir)   # noqa: F841 (held while this function runs)
         except RuntimeError as e:
             raise TrainingError(str(e)) from None
-        tmp = out_dir / f".config.yaml.{os.getpid()}"
-        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        os.replace(tmp, out_dir / "config.yaml")
+        atomic_write(out_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
     # --- model and data ------------------------------------------------------------------------------------
     # the model is the contract: the loader produces exactly the inputs the built objective requires
@@ -82,37 +80,17 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     torch.manual_seed(cfg["seed"] * 1000 + d.rank + 1)   # per-rank stream for dropout / FAME permutations
 
     # --- resume -------------------------------------------------------------------------------------------
-    step, monitor_base = 0, None
     parts = {"model": raw_model, "optimizer": opt, "scaler": scaler, "loader": loader}   # what a checkpoint restores
+    identity = {k: cfg[k] for k in ARCH_KEYS}                                            # what it must agree on
     try:   # checkpoints from before "identity" was stored: the same keys from their config (later keys: defaults)
-        found = resume_from(ckpts, resume, {k: cfg[k] for k in ARCH_KEYS},
+        state = resume_from(ckpts, resume, identity, parts, d,
                             stored=lambda st: st.get("identity") or {k: st["config"].get(k, DEFAULTS[k][0])
-                                                                     for k in ARCH_KEYS})
+                                                                     for k in ARCH_KEYS}) or {}
     except ResumeError as e:
         raise TrainingError(str(e)) from None
-    if found:
-        state, path = found
-        restore(state, parts, d.rank)
-        step = state["step"]
-        monitor_base = state.get("monitor_random_init")
-        if d.is_main:
-            print(f"resumed from {path} at step {step} (epoch {loader.epoch}, batch {loader.step})")
+    step, monitor_base = state.get("step", 0), state.get("monitor_random_init")
 
     metrics = RunLog(out_dir, stop_step, step, enabled=d.is_main, progress=progress)
-
-    def save(step: int) -> None:
-        """A checkpoint (rank 0 writes; every rank takes part): a write that fails stops every rank together."""
-        state = snapshot(parts, d, step=step, config=cfg, identity={k: cfg[k] for k in ARCH_KEYS},
-                         monitor_random_init=monitor_base)
-        if d.is_main and len(set(state["rank_checksums"])) > 1:   # DDP keeps weights equal; say so if not
-            metrics.print(f"warning: the ranks' weights differ at step {step} (checksums {state['rank_checksums']})")
-        error = None
-        try:
-            ckpts.save(state, step)
-        except CheckpointError as e:
-            error = e
-        if D.any_rank(error is not None, d):
-            raise TrainingError(str(error) if error else "rank 0 could not write a checkpoint (see its message)")
 
     def measure_quality(step: int) -> None:
         """The monitor's kNN top-1 (rank 0), logged with the random-init value measured at step 0."""
@@ -142,7 +120,9 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     loop = Loop(model, loader, opt, scaler, amp, d, metrics, global_batch=global_batch,
                 lr_at=lambda s: lr_at(s, total_steps, warmup, peak, decay_step),
                 cadence=Cadence(cfg["log_every"], cfg["ckpt_every"], cfg["monitor_every"] if monitor else 0),
-                save=save, max_bad_steps=cfg["max_bad_steps"], evaluate=measure_quality if monitor else None,
+                ckpts=ckpts, snapshot=lambda step: snapshot(parts, d, step=step, config=cfg, identity=identity,
+                                                            monitor_random_init=monitor_base),
+                max_bad_steps=cfg["max_bad_steps"], evaluate=measure_quality if monitor else None,
                 bad=bad, data=cfg["data"])
     try:
         if step == 0:

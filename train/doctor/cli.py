@@ -53,12 +53,8 @@ def select(only: list[str], skip: list[str]) -> list[str]:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
-    try:
+    try:         # a ConfigError is a ValueError: every bad argument exits 2 with its message
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
         selected = select(args.only, args.skip)
         if args.samples < 1:
             raise ValueError("--samples must be at least 1")

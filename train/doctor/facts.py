@@ -162,12 +162,13 @@ class Facts:
         s = self.shards
         manifest, tars, indexes = s["manifest"], s["tars"], s["indexes"]
         n_classes = len(manifest.get("classes") or [])
-        records = _Records(s["dir"])
+        spread = _spread(self.n_samples, [len(ix) for ix in indexes])
+        reads = [_read_sample(tars[t], t, j, indexes[t][j]) for t, j in spread]
+        records, listed = _records(s["dir"], [info["key"] for _, info, _, _ in reads])
         infos, problems = [], []
-        for t, j in _spread(self.n_samples, [len(ix) for ix in indexes]):
-            info, found = _read_sample(tars[t], t, j, indexes[t][j], records, n_classes)
+        for where, info, part, found in reads:     # per sample: its tar members, then its bytes against its records
             infos.append(info)
-            problems += found
+            problems += found + _check_sample(where, info, part, records.get(info["key"]), listed, n_classes)
         return {"infos": infos, "problems": problems}
 
     @property
@@ -425,60 +426,27 @@ def _spread(n: int, counts: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-class _Records:
-    """The manifest's records by key, as ``{r.get("key"): r for r in manifest["samples"] if isinstance(r, dict)}``
-    would hold them, for the few samples data.samples reads: each looked up in the per-sample list's text when it is
-    asked for (shard_format.manifest_records), the whole list parsed only when it is laid out otherwise. True when
-    the list holds any record (a key missing from a manifest that lists records is a problem)."""
-
-    def __init__(self, data: Path):
-        from preprocess import shard_format as fmt
-        self.data, self.path = data, data / fmt.MANIFEST
-        self._found: dict = {}
-        self._any: bool | None = None
-        self._all: dict | None = None
-
-    def _parse_all(self) -> dict:
-        if self._all is None:
-            try:
-                listed = json.loads(self.path.read_text()).get("samples") or []
-            except ValueError as e:
-                raise Fail(f"no usable shard set at {self.data}", str(e))
-            self._all = {r.get("key"): r for r in listed if isinstance(r, dict)}
-        return self._all
-
-    def _lean(self, keys) -> tuple[dict, bool] | None:
-        from preprocess import shard_format as fmt
-        if self._all is not None:
-            return None
-        try:
-            return fmt.manifest_records(self.path, keys)
-        except ValueError:
-            return None
-
-    def get(self, key, default=None):
-        if key not in self._found:
-            lean = self._lean([key]) if isinstance(key, str) else None
-            if lean is None:
-                self._found[key] = self._parse_all().get(key)
-            else:
-                self._found[key], self._any = lean[0].get(key), lean[1]
-        return self._found[key] if self._found[key] is not None else default
-
-    def __bool__(self) -> bool:
-        if self._any is None:
-            lean = self._lean([])
-            self._any = lean[1] if lean is not None else bool(self._parse_all())
-        return self._any
+def _records(data: Path, keys: list[str]) -> tuple[dict, bool]:
+    """The manifest's records of ``keys`` and whether its per-sample list holds any (a key missing from a manifest
+    that lists records is a problem): found in the list's text (shard_format.manifest_records), the whole list
+    parsed only when it is laid out otherwise."""
+    from preprocess import shard_format as fmt
+    lean = fmt.manifest_records(data / fmt.MANIFEST, [k for k in keys if k])
+    if lean is not None:
+        return lean
+    try:
+        listed = json.loads((data / fmt.MANIFEST).read_text()).get("samples") or []
+    except ValueError as e:
+        raise Fail(f"no usable shard set at {data}", str(e))
+    every = {r.get("key"): r for r in listed if isinstance(r, dict)}
+    return {k: every[k] for k in keys if k in every}, bool(every)
 
 
-def _read_sample(tar: Path, t: int, j: int, comps: dict, records: dict, n_classes: int) -> tuple[dict, list[str]]:
-    """Sample j of shard t read in full and checked against its tar headers, its records and its MP4:
-    (what it is, the problems found in data.samples' words)."""
-    import numpy as np
-    from pipeline.container import parse_mp4
-    from preprocess import integrity, shard_format as fmt
-    where, problems = f"{tar.name} sample {j}", []
+def _read_sample(tar: Path, t: int, j: int, comps: dict) -> tuple[str, dict, dict, list[str]]:
+    """Sample j of shard t read in full and checked against its tar headers: (where, what it is, its members'
+    bytes, the problems found)."""
+    from preprocess import integrity
+    where = f"{tar.name} sample {j}"
     fd = os.open(tar, os.O_RDONLY)
     try:
         headers = integrity.read_headers(fd, comps)
@@ -488,16 +456,23 @@ def _read_sample(tar: Path, t: int, j: int, comps: dict, records: dict, n_classe
     finally:
         os.close(fd)
     found = integrity.sample_member_problems(comps, headers)
-    problems += [f"{where}: {p.words}" for p in found]
-    bad = {p.ext for p in found}
-    keys = {integrity.member_key(headers[e][0]) for e in comps if e not in bad}
+    keys = {integrity.member_key(headers[e][0]) for e in comps if e not in {p.ext for p in found}}
     part = {ext: span[o - lo:o - lo + z] for ext, (o, z) in comps.items()}
     info = {"shard": t, "key": next(iter(keys)) if len(keys) == 1 else "", "tar": str(tar), "lo": lo, "hi": hi}
-    rec = records.get(info["key"])
+    return where, info, part, [f"{where}: {p.words}" for p in found]
+
+
+def _check_sample(where: str, info: dict, part: dict, rec: dict | None, listed: bool, n_classes: int) -> list[str]:
+    """A sample's bytes against its manifest record ``rec`` (``listed``: the manifest lists records) and its MP4;
+    fills in info's nf, codec and size."""
+    import numpy as np
+    from pipeline.container import parse_mp4
+    from preprocess import integrity, shard_format as fmt
+    t, problems = info["shard"], []
     found = integrity.sample_problems(part, rec, n_classes)
     unreadable = [p for p in found if p.kind == "unreadable" and p.ext != fmt.META_EXT]
     if unreadable:
-        return info, problems + [f"{where}: {unreadable[0].words}"]
+        return [f"{where}: {unreadable[0].words}"]
     info["nf"] = fmt.unpack_int32(part[fmt.FRAMES_EXT])
     problems += [f"{where}: {p.words}" for p in found]
     meta, _ = integrity.read_meta(part)
@@ -513,9 +488,9 @@ def _read_sample(tar: Path, t: int, j: int, comps: dict, records: dict, n_classe
     if track is not None and meta.get("width") and (meta["width"], meta["height"]) != (track.width, track.height):
         problems.append(f"{where}: JSON says {meta['width']}x{meta['height']}, the MP4 is "
                         f"{track.width}x{track.height}")
-    if records and info["key"] and rec is None:
+    if listed and info["key"] and rec is None:
         problems.append(f"{where}: key {info['key']!r} is not in the manifest")
     if rec is not None and rec.get("shard", t) != t:
         problems.append(f"{where}: the manifest puts {info['key']!r} in shard {rec['shard']}")
-    return info, problems
+    return problems
 

@@ -2,6 +2,7 @@
 (the table, then one JSON line)."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -11,6 +12,8 @@ import textwrap
 import time
 import traceback
 from pathlib import Path
+
+from preprocess.shard_format import atomic_write
 
 from . import data, decode, dist, env, training
 from .core import CHECKS, FAIL, FRAME_TOL_MEAN, FRAME_TOL_P99, LOSS_RTOL, PASS, SKIP, WARN, Fail, Result, Skip
@@ -70,7 +73,7 @@ def run(facts: Facts, json_path: str | None = None) -> int:
         if torchrun and facts.rank != 0:     # one file per node (local rank 0 of each)
             path = path.with_name(f"{path.stem}.rank{facts.rank}{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        atomic_write(path, json.dumps(report, indent=1, default=str) + "\n")
     return code
 
 
@@ -129,9 +132,7 @@ def print_table(report: dict, results: dict[str, Result]) -> None:
     for name, status, figure, fix in rows:
         f_lines = textwrap.wrap(figure, fig_w) or [""]
         x_lines = textwrap.wrap(fix, fix_w) or [""]
-        for i in range(max(len(f_lines), len(x_lines))):
-            a = f_lines[i] if i < len(f_lines) else ""
-            b = x_lines[i] if i < len(x_lines) else ""
+        for i, (a, b) in enumerate(itertools.zip_longest(f_lines, x_lines, fillvalue="")):
             head = f"{name:<16}{status:<7}" if i == 0 else " " * 23
             print(f"{head}{a:<{fig_w}} | {b}".rstrip())
     counts = {s: sum(r[1] == s for r in rows) for s in (PASS, WARN, FAIL, SKIP)}
