@@ -17,7 +17,8 @@ reruns the probes). So a long benchmark survives interruption, and seeds or obje
 --record DIR keeps what the table is made of (each probe's result, each pretraining's seconds and monitor curve:
 a few KB per run, meant to be committed) under the settings that produced it: a later invocation, on another
 machine with an empty --work, reads every entry whose settings (recipe, overrides, data, probe flags) are its own
-and runs only what is missing, so a table larger than one sitting's compute is built over several.
+and runs only what is missing, so a table larger than one sitting's compute is built over several; --from-record
+makes the table from the record alone and runs nothing (what it lacks is listed, and the command fails).
 
     python benchmarks/quality.py --data shards/ucf9 --work runs/quality --report docs    # 4 objectives x 3 seeds
     python benchmarks/quality.py --data shards/ucf9 --objectives fima moco --seeds 0 1 --finetune-seeds 0
@@ -219,12 +220,16 @@ def main() -> None:
                    "(and --record)")
     p.add_argument("--record", type=Path, help="read and extend this folder of results (one small JSON per probe and "
                    "pretraining, with its settings; commit it): what it holds for the same settings is not rerun")
+    p.add_argument("--from-record", action="store_true", help="run nothing: make the table from --record alone "
+                   "(a table built over several sittings); what it lacks is listed and the command fails")
     p.add_argument("--report", type=Path, help="write quality.md (the table) and quality.png (the picture) here")
     p.add_argument("--readme", type=Path, help="write the table into this file between its <!-- BLOCK:begin --> and "
                    "<!-- BLOCK:end --> markers")
     p.add_argument("--block", default="quality", help="the README block's name (default quality)")
     p.add_argument("overrides", nargs="*", help="key=value pretraining config overrides, for every run")
     a = p.parse_args()
+    if a.from_record and not a.record:
+        p.error("--from-record needs --record DIR")
     if a.readme and readme_block_missing(a.readme, a.block):      # checked before hours of runs, not after
         p.error(readme_block_missing(a.readme, a.block) + ": add the two lines where the table should go, or name "
                 "another block with --block")
@@ -259,6 +264,7 @@ def main() -> None:
     results = {pr: {m: {} for m in models} for pr in PROBES}
     seconds: dict[str, list[float]] = {m: [] for m in a.objectives}
     curves: dict[str, dict[int, list]] = {m: {} for m in a.objectives}
+    missing: list[str] = []                      # --from-record: entries the record lacks
     def settings(m: str, seed: int, pr: str | None = None) -> dict:
         """What a record entry depends on: the pretraining's resolved config (paths left out) or the random init's
         backbone, the seed, the data, and for a probe its flags."""
@@ -274,8 +280,11 @@ def main() -> None:
         for obj in a.objectives:
             run = work / "runs" / f"{obj}-s{seed}"
             done = None if a.fresh else record.get(f"{obj}-s{seed}-pretrain", settings(obj, seed))
+            if done is None and a.from_record:
+                missing.append(f"{obj}-s{seed}-pretrain")
+                continue
             if done is None or any(record.get(f"{obj}-s{seed}-{pr}", settings(obj, seed, pr)) is None
-                                   for pr in wanted[obj]):
+                                   for pr in wanted[obj]) and not a.from_record:
                 pretrain(RECIPES[obj], data, obj, seed, run, base)
                 done = run_log(run)
                 record.put(f"{obj}-s{seed}-pretrain", settings(obj, seed), done)
@@ -285,6 +294,9 @@ def main() -> None:
             model = spec["spec"] or ["--checkpoint", str(work / "runs" / f"{m}-s{seed}")]
             for pr in wanted[m]:
                 r = None if a.fresh else record.get(f"{m}-s{seed}-{pr}", settings(m, seed, pr))
+                if r is None and a.from_record:
+                    missing.append(f"{m}-s{seed}-{pr}")
+                    continue
                 if r is None:
                     flags = spec["flags"] + (spec["ft"] if pr == "finetune" else [])
                     r = probe(pr, [*model, "--seed", str(seed)], data, work / "eval" / f"{m}-s{seed}-{pr}",
@@ -294,6 +306,9 @@ def main() -> None:
                     if key in r:
                         results[pr][m].setdefault(key, []).append(r[key])
 
+    if missing:
+        sys.exit(f"error: --from-record: {a.record} lacks {len(missing)} entries for these settings: "
+                 f"{', '.join(missing)}; run the same command without --from-record to make them")
     summary = {pr: {m: {k: stats(v) for k, v in d.items()} for m, d in per.items() if d}
                for pr, per in results.items() if any(per.values())}
     gains = {pr: {obj: {"minus_random": s[obj]["top1"]["mean"] - s[baseline_of[obj]]["top1"]["mean"],

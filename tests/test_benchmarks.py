@@ -90,11 +90,17 @@ def test_quality_benchmark_compares_each_objective_with_its_own_random_init(synt
     assert recorded == sorted([f"{o}-s0-pretrain.json" for o in ("moco", "fima")] + [
         f"{m}-s0-{pr}.json" for m in ("moco", "fima", *base.values()) for pr in ("knn", "linear", "finetune")])
     elsewhere = tmp_path / "elsewhere"
-    moved = run_script(*[elsewhere if x == tmp_path else x for x in args])
+    moved_args = [args[0], "--from-record", *[elsewhere if x == tmp_path else x for x in args[1:]]]
+    moved = run_script(*moved_args)     # --from-record: it could not have run anything
     assert moved.returncode == 0, moved.stderr[-3000:]
     got = json.loads(moved.stdout.strip().splitlines()[-1])
     assert got["top1"] == out["top1"] and got["pretrain_seconds"] == out["pretrain_seconds"]
     assert not (elsewhere / "runs").exists() and not (elsewhere / "eval").exists()
+    # what the record lacks (a second seed) is named, and nothing is run for it
+    i = moved_args.index("--seeds") + 2
+    more = run_script(*moved_args[:i], "1", *moved_args[i:])     # --seeds 0 1: seed 1's 2 pretrainings, 8 probes
+    assert more.returncode != 0 and "lacks 10 entries" in more.stderr and "fima-s1-pretrain" in more.stderr, more.stderr
+    assert not (elsewhere / "runs").exists()
     # an entry counts only for the settings that made it: another seed, probe flag or recipe value reads nothing
     quality = importlib.import_module("benchmarks.quality")
     entry = json.loads((tmp_path / "record" / "fima-s0-knn.json").read_text())
