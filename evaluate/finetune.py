@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import Classifier
 from pipeline import eval_loader
 from train.checkpoint import CheckpointManager, ResumeError, resume_from, snapshot
-from train.loop import Cadence, Loop, TrainingError
+from train.loop import Loop, TrainingError
 from train.recipe import build_optimizer
 from train.run_log import RunLog
 
@@ -159,8 +159,7 @@ def run(ctx: Context) -> int:
                           f"{s['dropout']}, {rt.precision}")
     loop = Loop(model, loader, opt, torch.amp.GradScaler(d.device.type, enabled=False), rt.amp(), d, metrics_log,
                 lr_at=lambda step: lr_at_epoch(step // steps_per_epoch, base_lr, milestones, s["lr_decay"]),
-                cadence=Cadence(log_every=steps_per_epoch, ckpt_every=steps_per_epoch,
-                                eval_every=s["eval_every"] * steps_per_epoch),
+                log_every=steps_per_epoch, ckpt_every=steps_per_epoch, eval_every=s["eval_every"] * steps_per_epoch,
                 ckpts=ckpts, snapshot=checkpoint, global_batch=s["batch_size"],
                 evaluate=test_monitor if s["eval_every"] else None,
                 on_log=epoch_done)

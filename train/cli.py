@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg["data"]:
         print("error: no data: set data=OUT/train (a shard set from `python -m preprocess`)", file=sys.stderr)
         return 2
-    from .trainer import TrainingError, train   # heavy imports only when training
+    from .loop import TrainingError   # heavy imports only when training
+    from .trainer import train
     try:
         return train(cfg, args.resume, progress=not args.no_progress)
     except (TrainingError, FileNotFoundError, ValueError) as e:

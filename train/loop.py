@@ -27,14 +27,6 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
-class Cadence:
-    """Every how many steps the loop logs, evaluates (0 = never) and checkpoints; the last step does all three."""
-    log_every: int
-    ckpt_every: int
-    eval_every: int = 0
-
-
-@dataclass
 class Loop:
     model: torch.nn.Module                  # the objective to call (DDP-wrapped or not): batch -> {"loss", ...}
     loader: object                          # pipeline.VideoLoader: batches, and (epoch, step) for resume
@@ -44,11 +36,13 @@ class Loop:
     d: D.Dist
     log: RunLog
     lr_at: Callable[[int], float]           # step -> the schedule's learning rate
-    cadence: Cadence
+    log_every: int                          # every how many steps the loop logs, checkpoints and evaluates
+    ckpt_every: int                         # (eval_every 0: never); the last step does all three
     ckpts: CheckpointManager                # where checkpoints go (rank 0 writes)
     snapshot: Callable[[int], dict]         # the checkpoint of this step (train/checkpoint.py snapshot: a collective)
     global_batch: int
     max_bad_steps: int = 5
+    eval_every: int = 0
     evaluate: Callable[[int], None] | None = None       # at eval_every and the last step
     on_log: Callable[[int, dict], None] | None = None   # after each log window (e.g. fine-tuning's history)
     bad: object | None = None                           # train.bad_samples.BadSamples: set aside, not fatal
@@ -93,10 +87,10 @@ class Loop:
                     raise TrainingError(f"{bad_in_a_row} non-finite losses or gradients in a row at step {step}: "
                                         "lower lr, use precision=fp32 to check, or inspect the data; a checkpoint "
                                         "was saved")
-                if step % self.cadence.log_every == 0 or step == stop_step:
+                if step % self.log_every == 0 or step == stop_step:
                     self._log_window(step, lr, window)
                     window = {"n": 0, "wait": 0.0, "time": 0.0, "sums": {}}
-                if self.evaluate and ((self.cadence.eval_every and step % self.cadence.eval_every == 0)
+                if self.evaluate and ((self.eval_every and step % self.eval_every == 0)
                                       or step == stop_step):
                     self.evaluate(step)
                 found = self.loader.take_new_bad() if self.bad is not None else []
@@ -107,7 +101,7 @@ class Loop:
                     if self.bad.over_limit():
                         self.save(step)
                         raise TrainingError(self.bad.stop_message(step, self.data))
-                if stop or step % self.cadence.ckpt_every == 0 or step == stop_step:
+                if stop or step % self.ckpt_every == 0 or step == stop_step:
                     self.save(step)
                 if stop:
                     self.log.print(f"pre-empted (signal {preempted.signum or 'on another rank'}): checkpoint at step "

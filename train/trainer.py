@@ -24,7 +24,7 @@ from . import distributed as D
 from .bad_samples import BadSamples
 from .checkpoint import CheckpointManager, ResumeError, lock_run_folder, resume_from, snapshot
 from .config import DEFAULTS
-from .loop import Cadence, Loop, TrainingError
+from .loop import Loop, TrainingError
 from .monitor import QualityMonitor
 from .recipe import (aug_config, build_optimizer, device_and_backend, lr_at, objective_kwargs, peak_lr,
                      precision_context, wrap)
@@ -33,8 +33,6 @@ from .run_log import RunLog
 # keys that change the model or the sample stream: a resumed run must agree on them
 ARCH_KEYS = ("objective", "backbone", "backbone_width", "frames", "stride", "crop", "queue_size", "dense_queue_size",
              "cluster", "data", "seed")
-
-__all__ = ["TrainingError", "train"]   # TrainingError lives in train/loop.py (fine-tuning raises it too)
 
 
 def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
@@ -119,11 +117,11 @@ def train(cfg: dict, resume: str = "auto", progress: bool = True) -> int:
     warmup = int(cfg["warmup_epochs"] * steps_per_epoch)
     loop = Loop(model, loader, opt, scaler, amp, d, metrics, global_batch=global_batch,
                 lr_at=lambda s: lr_at(s, total_steps, warmup, peak, decay_step),
-                cadence=Cadence(cfg["log_every"], cfg["ckpt_every"], cfg["monitor_every"] if monitor else 0),
-                ckpts=ckpts, snapshot=lambda step: snapshot(parts, d, step=step, config=cfg, identity=identity,
-                                                            monitor_random_init=monitor_base),
+                log_every=cfg["log_every"], ckpt_every=cfg["ckpt_every"], ckpts=ckpts,
+                snapshot=lambda step: snapshot(parts, d, step=step, config=cfg, identity=identity,
+                                               monitor_random_init=monitor_base),
                 max_bad_steps=cfg["max_bad_steps"], evaluate=measure_quality if monitor else None,
-                bad=bad, data=cfg["data"])
+                eval_every=cfg["monitor_every"] if monitor else 0, bad=bad, data=cfg["data"])
     try:
         if step == 0:
             measure_quality(0)
