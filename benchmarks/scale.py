@@ -10,7 +10,8 @@ the largest (hard links) with their own manifest. Every figure is measured in a 
 is one process's:
 
 * open: ``ShardSet(dir)`` (manifest, indexes) seconds, and the resident memory it adds (RSS after minus before)
-  and the peak it adds (ru_maxrss minus RSS before);
+  and the peak it adds (the peak RSS since just before, VmHWM reset through /proc/self/clear_refs, minus RSS
+  before: the imports of torch and DALI peak far higher and would hide it);
 * loader: ``pretrain_loader(dir, MoCo's keys, ...)`` construction seconds and peak memory added;
 * epoch order (the permutation of an epoch, padded and dealt), resume (``load_state_dict`` mid-epoch 3 and the
   first batch after it), the first batch of epoch 0, ``exclude()`` of one key-only record (a bad_keys.txt
@@ -55,8 +56,23 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def reset_peak() -> None:
+    """Restart the peak-RSS count here (Linux: "5" to /proc/self/clear_refs resets VmHWM), so a peak measured next
+    is the set's and not the imports' (importing torch and DALI peaks ~780 MB above the RSS they leave)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The peak resident memory since reset_peak (VmHWM), else since the process started (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------------------------ building sets
@@ -202,6 +218,7 @@ def probe_set(data: Path) -> dict:
     from pipeline import sampling  # noqa: F401
     r: dict[str, float] = {}
     base = rss_mb()
+    reset_peak()
     t, c = time.perf_counter(), time.process_time()
     s = ShardSet(data)
     r["open_s"] = time.perf_counter() - t
@@ -247,6 +264,7 @@ def probe_eval(data: Path) -> dict:
     import torch  # noqa: F401
     from evaluate.data import open_split
     base = rss_mb()
+    reset_peak()
     t = time.perf_counter()
     split = open_split("train", data)
     r = {"eval_open_s": time.perf_counter() - t, "eval_open_peak_mb": peak_mb() - base}
