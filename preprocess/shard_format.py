@@ -142,7 +142,9 @@ def _samples_span(mm) -> tuple[int, int] | None:
     i = mm.find(b'\n "samples": [')
     j = mm.rfind(b'\n "shards": [') if i >= 0 else -1     # searched from the end: the list is not touched
     # the list's closing bracket right before "shards": nothing else sits between them
-    if i >= 0 and j > i and (mm[i:j] == _NO_SAMPLES or mm.rfind(b'\n ]', i, j) == j - 4 and mm[j - 1:j] == b","):
+    # (the length first: slicing the whole list to compare it would copy it, ~90 MB at 650,000 samples)
+    empty = j - i == len(_NO_SAMPLES) and mm[i:j] == _NO_SAMPLES
+    if i >= 0 and j > i and (empty or mm.rfind(b'\n ]', i, j) == j - 4 and mm[j - 1:j] == b","):
         return i, j
     return None
 
