@@ -52,24 +52,33 @@ class Problem:
         """What is wrong, in the one wording `preprocess verify`, the doctor and the loader's refusals all use; the
         caller says where (which shard, which sample)."""
         f, e, ext = self.found, self.expected, self.ext
-        hex32 = lambda v: format(v, "08x") if isinstance(v, int) else v  # noqa: E731  (every entry is built)
-        if self.kind == "member":
-            f = "no tar header" if f is None else f"{f[0]!r} of {f[1]} bytes"
-        return {
-            "bytes": f"the tar is {f} bytes, the manifest says {e} (a truncated or replaced copy)",
-            "sha256": "its sha256 differs from the one recorded at sharding (bytes changed in the copy)",
-            "count": f"the index lists {f} samples, the manifest {e}",
-            "lacking": f"the index lists no {e}",
-            "outside": f"the index's {ext} at {self.offset}+{self.size} lies outside the {e}-byte tar",
-            "member": f"the index's {ext} at offset {self.offset} does not point at its tar member (found {f})",
-            "keys": f"its members belong to different samples {f}",
-            "unreadable": f"{ext} unreadable ({e})",
-            "record": f"{ext} {f}, the manifest says {e}",
-            "json": f"{ext} {f}, its json record says {e}",
-            "crc": f"the video's CRC-32 is {hex32(f)}, {hex32(e)} when it was sharded: its bytes changed since",
-            "label": f"label {f} is not a class index" + (f" (the manifest has {e} classes)" if e else ""),
-            "frames": f"frame count {f}",
-        }[self.kind]
+        match self.kind:
+            case "bytes":
+                return f"the tar is {f} bytes, the manifest says {e} (a truncated or replaced copy)"
+            case "sha256":
+                return "its sha256 differs from the one recorded at sharding (bytes changed in the copy)"
+            case "count":
+                return f"the index lists {f} samples, the manifest {e}"
+            case "lacking":
+                return f"the index lists no {e}"
+            case "outside":
+                return f"the index's {ext} at {self.offset}+{self.size} lies outside the {e}-byte tar"
+            case "member":
+                found = "no tar header" if f is None else f"{f[0]!r} of {f[1]} bytes"
+                return f"the index's {ext} at offset {self.offset} does not point at its tar member (found {found})"
+            case "keys":
+                return f"its members belong to different samples {f}"
+            case "unreadable":
+                return f"{ext} unreadable ({e})"
+            case "record":
+                return f"{ext} {f}, the manifest says {e}"
+            case "json":
+                return f"{ext} {f}, its json record says {e}"
+            case "crc":
+                return f"the video's CRC-32 is {f:08x}, {e:08x} when it was sharded: its bytes changed since"
+            case "label":
+                return f"label {f} is not a class index" + (f" (the manifest has {e} classes)" if e else "")
+        return f"frame count {f}"                                          # "frames"
 
 
 # --------------------------------------------------------------------------------------------- tar headers

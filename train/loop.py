@@ -105,7 +105,8 @@ class Loop:
                     self.save(step)
                 if stop:
                     self.log.print(f"pre-empted (signal {preempted.signum or 'on another rank'}): checkpoint at step "
-                                   f"{step} saved; exit status {PreemptionFlag.EXIT_PREEMPTED}; resume with the same command (--resume auto)")
+                                   f"{step} saved; exit status {PreemptionFlag.EXIT_PREEMPTED}; resume with the same "
+                                   "command (--resume auto)")
                     return step, PreemptionFlag.EXIT_PREEMPTED
                 if step >= stop_step:
                     break
