@@ -53,6 +53,9 @@ def evaluated(synthetic_shards, tmp_path_factory) -> dict:
     cfg = load_config("demo", ["crop=48", "queue_size=64"])
     torch.manual_seed(0)
     model = build_objective(cfg["objective"], **objective_kwargs(cfg))
+    with torch.no_grad():   # a built model's key encoder is a copy of its query encoder: move the query off it, so
+        for p in model.encoder_q.parameters():   # that exporting or evaluating the wrong encoder shows
+            p.add_(0.01 * torch.randn_like(p))
     ckpt = CheckpointManager(root / "run" / "checkpoints").save({"model": model.state_dict(), "step": 7,
                                                                  "config": cfg}, 7)
     data, cache = ["--data", str(synthetic_shards)], ["--cache-dir", str(root / "cache")]
@@ -107,12 +110,15 @@ def test_export_cli_writes_the_query_backbone_and_a_card_of_its_evaluations(eval
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "run-export"
     assert f"exported {Path('run-export') / 'backbone.safetensors'}" in r.stdout
-    backbone, info = load_backbone(evaluated["ckpt"])
     tensors = load_file(str(out / "backbone.safetensors"))
-    want = backbone.state_dict()
-    assert set(tensors) == set(want)
+    # the reference is the checkpoint file itself, read here: its encoder_q.* tensors, not the loader's view of them
+    sd = torch.load(evaluated["ckpt"], weights_only=True)["model"]
+    want = {k[len("encoder_q."):]: v for k, v in sd.items() if k.startswith("encoder_q.")}
+    assert set(tensors) == set(want) and len(want) > 50
     for k, v in want.items():
         assert torch.equal(tensors[k], v), k
+    assert not all(torch.equal(v, sd[f"encoder_k.{k}"]) for k, v in want.items())   # the query, not the key
+    _, info = load_backbone(evaluated["ckpt"])
     card = json.loads((out / "model_card.json").read_text())
     assert (card["objective"], card["backbone"], card["backbone_width"], card["steps"]) == ("fima", "i3d", 0.25, 7)
     assert card["weights_sha256"] == info["sha256"] and card["source_checkpoint"] == str(evaluated["ckpt"])
