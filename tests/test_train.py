@@ -79,6 +79,9 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(data, tmp_path)
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data, tmp_path):
+    """End to end through torchrun: a two-rank MoCo run follows the one-process run at BatchNorm-level tolerance
+    and ends with the ranks in sync. Its tolerance would absorb a 2x gradient (mutation-checked): the gradient's
+    scaling over ranks is pinned exactly by test_ddp_train_step_equals_one_process_at_fp32_reduction_order."""
     common = [*TINY, f"data={data}", "objective=moco", "max_steps=4", "ckpt_every=100"]
     one = run_train(*common, f"out_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-2000:]
