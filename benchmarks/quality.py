@@ -280,11 +280,12 @@ def main() -> None:
         for obj in a.objectives:
             run = work / "runs" / f"{obj}-s{seed}"
             done = None if a.fresh else record.get(f"{obj}-s{seed}-pretrain", settings(obj, seed))
-            if done is None and a.from_record:
-                missing.append(f"{obj}-s{seed}-pretrain")
-                continue
-            if done is None or any(record.get(f"{obj}-s{seed}-{pr}", settings(obj, seed, pr)) is None
-                                   for pr in wanted[obj]) and not a.from_record:
+            if a.from_record:                    # never pretrains: a missing entry is listed, its probes skipped
+                if done is None:
+                    missing.append(f"{obj}-s{seed}-pretrain")
+                    continue
+            elif done is None or any(record.get(f"{obj}-s{seed}-{pr}", settings(obj, seed, pr)) is None
+                                     for pr in wanted[obj]):
                 pretrain(RECIPES[obj], data, obj, seed, run, base)
                 done = run_log(run)
                 record.put(f"{obj}-s{seed}-pretrain", settings(obj, seed), done)

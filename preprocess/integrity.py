@@ -78,7 +78,9 @@ class Problem:
                 return f"the video's CRC-32 is {f:08x}, {e:08x} when it was sharded: its bytes changed since"
             case "label":
                 return f"label {f} is not a class index" + (f" (the manifest has {e} classes)" if e else "")
-        return f"frame count {f}"                                          # "frames"
+            case "frames":
+                return f"frame count {f}"
+        raise ValueError(f"unknown integrity problem kind {self.kind!r}")
 
 
 # --------------------------------------------------------------------------------------------- tar headers
